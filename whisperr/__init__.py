@@ -1,0 +1,33 @@
+"""whisperr: a fast asyncio SDK for the Whisperr churn-signal ingestion API.
+
+async with whisperr.AsyncClient(api_key="wrk_...") as client:
+    client.track("user_8842", "payment_failed", {"amount_cents": 4900})
+"""
+
+from __future__ import annotations
+
+from ._client import AsyncClient
+from ._config import Settings
+from ._default import flush, get_client, identify, init, shutdown, track
+from ._errors import ClientClosedError, ConfigError, InvalidEventError, WhisperrError
+from ._models import DeliveryReport, FlushResult, Stats
+from ._version import __version__
+
+__all__ = [
+    "AsyncClient",
+    "ClientClosedError",
+    "ConfigError",
+    "DeliveryReport",
+    "FlushResult",
+    "InvalidEventError",
+    "Settings",
+    "Stats",
+    "WhisperrError",
+    "__version__",
+    "flush",
+    "get_client",
+    "identify",
+    "init",
+    "shutdown",
+    "track",
+]

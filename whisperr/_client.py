@@ -1,0 +1,764 @@
+"""AsyncClient: capture on the caller's path, then batch and deliver from one background runner."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import itertools
+import logging
+import random
+import sys
+from collections import Counter, deque
+from collections.abc import Mapping, Sequence
+from types import TracebackType
+from typing import Any, final
+
+import anyio
+import attrs
+import httpx
+
+from . import _events as ev
+from ._config import Settings
+from ._errors import ClientClosedError, InvalidEventError
+from ._models import DeliveryReport, FlushResult, ReportType, Stats
+from ._transport import SDK_NAME, Outcome, backoff, post
+from ._version import __version__
+
+logger = logging.getLogger("whisperr")
+
+# Slack under the byte cap for the envelope and the fields around properties and context.
+_EVENT_OVERHEAD = 512
+_KNOWN_TYPES_CAP = 4096
+_NEVER = sys.maxsize
+
+
+@attrs.define(eq=False)
+class _Batch:
+    """Events that travel in one request, encoded once, kept whole across retries."""
+
+    items: list[ev.Item]
+    bodies: list[bytes]
+    identify: bool
+    retained_round: int = -1
+    failure: str = "shutdown"
+
+    @property
+    def first_seq(self) -> int:
+        return self.items[0][0]
+
+    @property
+    def message_ids(self) -> tuple[str, ...]:
+        return tuple(item[6] for item in self.items if item[6])
+
+
+@attrs.define(eq=False)
+class _Waiter:
+    """A flush() in progress: everything below ``target`` must settle after ``round`` began."""
+
+    target: int
+    round: int
+    done: anyio.Event = attrs.field(factory=anyio.Event)
+
+
+@final
+class AsyncClient:
+    """An asyncio (and trio, through anyio) client for the Whisperr ingestion API.
+
+    ``track()`` and ``identify()`` validate and queue in microseconds and never block; a background
+    runner batches the queue and delivers it over one pooled ``httpx.AsyncClient``. Use it as an
+    async context manager, or call ``await client.aclose()`` when done.
+
+    Args:
+        settings: a :class:`Settings`; keyword arguments override its fields.
+        **overrides: any :class:`Settings` field.
+    """
+
+    def __init__(self, settings: Settings | None = None, **overrides: Any) -> None:
+        if settings is None:
+            settings = Settings(**overrides)
+        elif overrides:
+            settings = attrs.evolve(settings, **overrides)
+        self._settings = s = settings
+        self._url_batch = f"{s.base_url}/v1/events/batch"
+        self._url_identify = f"{s.base_url}/v1/identify"
+        base = ev.base_context(SDK_NAME, __version__, s.app_version)
+        self._base_context = base
+        self._base_context_bytes = ev.encode_base_context(base)
+        self._max_event_bytes = s.max_batch_bytes - _EVENT_OVERHEAD
+        self._known_types: set[str] = set()
+        self._clock = s.clock
+        self._strict = s.strict
+        self._max_queue = s.max_queue_size
+        self._drop_newest = s.overflow == "drop_newest"
+        self._accepting = not s.disabled
+        self._closed = False
+
+        self._queue: deque[ev.Item] = deque()
+        self._seq = itertools.count()
+        self._taken = 0  # every item with a lower seq has left the queue
+        self._wake_at = 1  # the queue length at which track() wakes the runner
+        self._retained: list[_Batch] = []
+        self._in_flight: set[_Batch] = set()
+        self._round = 0
+        self._waiters: list[_Waiter] = []
+        self._refused: list[tuple[str, str]] = []
+        self._refused_total = 0
+
+        self._delivered = 0
+        self._dropped: Counter[str] = Counter()
+        self._retried = 0
+        self._last_error: DeliveryReport | None = None
+
+        self._running = False
+        self._closing = False
+        self._wakeup: anyio.Event | None = None
+        self._runner_done: anyio.Event | None = None
+        self._runner_scope: anyio.CancelScope | None = None
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._http: httpx.AsyncClient | None = None
+        self._timer_start: float | None = None
+        self._paused_until = 0.0
+        self._pause_level = 0
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "running" if self._running else "idle"
+        return f"<AsyncClient {self._settings.base_url} {state} queued={len(self._queue)}>"
+
+    @property
+    def settings(self) -> Settings:
+        """The client's settings."""
+        return self._settings
+
+    # -- capture: plain calls on the caller's path ---------------------------------------------
+
+    def track(
+        self,
+        external_user_id: str,
+        event_type: str,
+        properties: Mapping[str, Any] | None = None,
+        context: Mapping[str, Any] | None = None,
+        *,
+        occurred_at: Any = None,
+        message_id: str | None = None,
+    ) -> str:
+        """Queue an event for delivery; never blocks, never raises for delivery problems.
+
+        Args:
+            external_user_id: your own stable, non-empty user id.
+            event_type: lowercase snake_case, e.g. ``"payment_failed"``.
+            properties: a JSON-serializable mapping, encoded now (later changes are not sent).
+            context: extra context; your keys win over ``sdk_name``/``sdk_version``/``app_version``.
+            occurred_at: an aware ``datetime`` or RFC 3339 string; defaults to now.
+            message_id: your own idempotency key (e.g. from an outbox); defaults to a new UUID.
+
+        Returns:
+            The event's ``$message_id``.
+
+        Raises:
+            InvalidEventError: the event breaks a rule (only with ``strict=True``, the default).
+            ClientClosedError: the client was closed.
+        """
+        try:
+            if type(external_user_id) is not str or not external_user_id:
+                ev.check_user_id(external_user_id)
+            if event_type not in self._known_types:
+                self._learn(event_type)
+            props = b"{}" if properties is None else ev.encode_object("properties", properties)
+            if context is None and occurred_at is None and message_id is None:
+                encoded_context, stamp, mid = None, self._clock(), ev.new_message_id()
+            else:
+                encoded_context, stamp, mid = self._extras(context, occurred_at, message_id)
+            if len(props) > self._max_event_bytes:
+                self._too_large(props, encoded_context)
+        except InvalidEventError as exc:
+            if self._strict:
+                raise
+            return self._refuse_invalid(exc)
+        if not self._accepting:
+            return self._not_accepting(mid)
+        queue = self._queue
+        if len(queue) >= self._max_queue:
+            if self._drop_newest:
+                self._refuse("queue_overflow", mid)
+                return mid
+            self._drop_oldest()
+        queue.append(
+            (next(self._seq), external_user_id, event_type, stamp, props, encoded_context, mid)
+        )
+        if len(queue) >= self._wake_at:
+            self._kick()
+        return mid
+
+    def identify(
+        self,
+        external_user_id: str,
+        traits: Mapping[str, Any] | None = None,
+        *,
+        email: str | None = None,
+        phone: str | None = None,
+        push_token: str | None = None,
+        preferred_channel: str | None = None,
+        channels: Sequence[Mapping[str, Any]] | None = None,
+    ) -> None:
+        """Queue an identify (traits and contact channels for a user); never blocks.
+
+        It keeps its place in the queue: tracks queued before it are settled before it is sent,
+        and tracks queued after it wait for it. ``email``, ``phone`` and ``push_token`` add
+        opted-in ``email``, ``sms`` and ``push`` channels after any explicit ``channels``
+        (each ``{"channel" or "type", "address", "opted_in"=True, "verified"=None}``).
+
+        Raises:
+            InvalidEventError: the call breaks a rule (only with ``strict=True``).
+            ClientClosedError: the client was closed.
+        """
+        shortcuts = (("email", email), ("sms", phone), ("push", push_token))
+        try:
+            body = ev.encode_identify(
+                external_user_id, traits, preferred_channel, channels, shortcuts
+            )
+        except InvalidEventError as exc:
+            if self._strict:
+                raise
+            self._refuse_invalid(exc)
+            return
+        if not self._accepting:
+            self._not_accepting("")
+            return
+        if len(self._queue) >= self._max_queue:
+            if self._drop_newest:
+                self._refuse("queue_overflow", "")
+                return
+            self._drop_oldest()
+        self._queue.append((next(self._seq), external_user_id, None, self._clock(), body, None, ""))
+        if len(self._queue) >= self._wake_at:
+            self._kick()
+
+    def _learn(self, event_type: object) -> None:
+        ev.check_event_type(event_type)
+        if len(self._known_types) < _KNOWN_TYPES_CAP:
+            self._known_types.add(event_type)  # type: ignore[arg-type]
+
+    def _extras(
+        self, context: object, occurred_at: object, message_id: object
+    ) -> tuple[bytes | None, float, str]:
+        encoded, context_id = None, None
+        if context is not None:
+            encoded, context_id = ev.encode_context(context, self._base_context)
+        now = self._clock()
+        stamp = now if occurred_at is None else ev.parse_occurred_at(occurred_at, now)
+        if message_id is not None:
+            return encoded, stamp, ev.check_message_id(message_id)
+        return encoded, stamp, context_id or ev.new_message_id()
+
+    def _too_large(self, props: bytes, context: bytes | None) -> None:
+        size = len(props) + len(context or b"")
+        if size > self._max_event_bytes:
+            raise InvalidEventError(
+                "properties",
+                f"the event encodes to {size} bytes; at most {self._max_event_bytes} fit in a "
+                f"request of max_batch_bytes={self._settings.max_batch_bytes}",
+            )
+
+    def _not_accepting(self, message_id: str) -> str:
+        if self._closed or self._closing:
+            raise ClientClosedError("this whisperr client is closed; it takes no more events")
+        return message_id  # disabled: validated, then discarded by design
+
+    def _refuse_invalid(self, exc: InvalidEventError) -> str:
+        logger.warning("whisperr: invalid event dropped: %s", exc)
+        message_id = ev.new_message_id()
+        self._refuse("invalid", message_id)
+        return message_id
+
+    def _refuse(self, reason: str, message_id: str) -> None:
+        self._refused_total += 1
+        self._dropped[reason] += 1
+        self._refused.append((reason, message_id))
+        self._kick()
+
+    def _drop_oldest(self) -> None:
+        item = self._queue.popleft()
+        self._taken = item[0] + 1
+        self._dropped["queue_overflow"] += 1
+        self._refused.append(("queue_overflow", item[6]))
+
+    # -- the runner ----------------------------------------------------------------------------
+
+    def _kick(self) -> None:
+        """Wake the runner (starting it inside a running event loop if needed)."""
+        if not self._running and not self._start():
+            return
+        self._wake_at = _NEVER
+        if self._wakeup is not None:
+            self._wakeup.set()
+
+    def _start(self) -> bool:
+        """Start the runner as a task of the current event loop; False outside of one."""
+        if self._closed or self._settings.disabled:
+            return False
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return self._start_trio()
+        self._running = True
+        self._task = loop.create_task(self._run(), name="whisperr-runner")
+        return True
+
+    def _start_trio(self) -> bool:
+        trio = sys.modules.get("trio")
+        if trio is None:
+            return False
+        try:
+            trio.lowlevel.current_task()
+        except RuntimeError:
+            return False
+        self._running = True
+        trio.lowlevel.spawn_system_task(self._run, name="whisperr-runner")
+        return True
+
+    def _ensure_running(self) -> None:
+        if not self._running and not self._start():
+            raise RuntimeError("whisperr: flush() and aclose() must run inside an event loop")
+
+    async def _run(self) -> None:
+        self._runner_done = done = anyio.Event()
+        self._http = self._settings.http_client or httpx.AsyncClient(
+            transport=self._settings.transport,
+            limits=httpx.Limits(
+                max_connections=self._settings.max_concurrency,
+                max_keepalive_connections=self._settings.max_concurrency,
+            ),
+            trust_env=False,
+        )
+        try:
+            with anyio.CancelScope() as self._runner_scope:
+                await self._serve()
+        finally:
+            with anyio.CancelScope(shield=True):
+                if not self._closing:  # the event loop is ending without aclose()
+                    await self._last_attempt()
+                await self._finish()
+            done.set()
+
+    async def _last_attempt(self) -> None:
+        logger.info("whisperr: event loop ending without aclose(); delivering what is queued")
+        self._closing = True
+        self._round += 1
+        with anyio.move_on_after(self._settings.shutdown_timeout):
+            await self._serve()
+
+    async def _finish(self) -> None:
+        if self._closed:
+            self._account_undelivered()
+        self._emit_refused()
+        if self._http is not None and self._settings.http_client is None:
+            await self._http.aclose()
+        self._http = None
+        self._running = False
+        self._closing = False
+        self._wake_at = 1
+        self._release_waiters(force=True)
+
+    async def _serve(self) -> None:
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            try:
+                while (batch := await self._next_batch()) is not None:
+                    self._in_flight.add(batch)
+                    if batch.identify:
+                        await self._deliver(batch)
+                    else:
+                        tg.start_soon(self._deliver, batch)
+            finally:
+                self._tg = None
+
+    async def _next_batch(self) -> _Batch | None:
+        """Wait until a batch should go out and return it; None once closing has drained."""
+        while True:
+            self._emit_refused()
+            self._release_waiters()
+            batch = self._ready_batch()
+            if batch is not None:
+                return batch
+            if self._closing and not self._queue and not self._in_flight and not self._sendable():
+                return None
+            await self._wait(self._next_deadline())
+
+    def _urgent(self) -> bool:
+        return self._closing or bool(self._waiters)
+
+    def _sendable(self) -> list[_Batch]:
+        now = anyio.current_time()
+        return [
+            b for b in self._retained if b.retained_round < self._round or now >= self._paused_until
+        ]
+
+    def _ready_batch(self) -> _Batch | None:
+        if self._in_flight and (
+            len(self._in_flight) >= self._settings.max_concurrency
+            or any(b.identify for b in self._in_flight)
+        ):
+            return None
+        sendable = self._sendable()
+        if sendable:
+            batch = sendable[0]
+            if batch.identify and self._in_flight:
+                return None  # identify is a barrier: everything before it settles first
+            self._retained.remove(batch)
+            return batch
+        if self._retained or not self._queue:
+            return None  # retained batches go first, after their pause
+        if self._queue[0][2] is None and self._in_flight:
+            return None
+        if self._urgent() or len(self._queue) >= self._settings.max_batch_size or self._due():
+            return self._take()
+        return None
+
+    def _due(self) -> bool:
+        now = anyio.current_time()
+        if self._timer_start is None:
+            self._timer_start = now
+        return now >= self._timer_start + self._settings.flush_interval
+
+    def _next_deadline(self) -> float | None:
+        """How long the runner may sleep before it has something to do on its own."""
+        now = anyio.current_time()
+        deadlines = []
+        if self._retained:
+            deadlines.append(self._paused_until - now)
+        if self._queue and self._timer_start is not None:
+            deadlines.append(self._timer_start + self._settings.flush_interval - now)
+        self._wake_at = 1 if not self._queue else self._settings.max_batch_size
+        return max(0.0, min(deadlines)) if deadlines else None
+
+    async def _wait(self, timeout: float | None) -> None:
+        self._wakeup = anyio.Event()
+        with anyio.move_on_after(timeout):
+            await self._wakeup.wait()
+
+    def _notify(self) -> None:
+        if self._wakeup is not None:
+            self._wakeup.set()
+
+    def _take(self) -> _Batch | None:
+        """Take the next batch off the queue: one identify alone, or a run of tracks."""
+        queue = self._queue
+        first = queue.popleft()
+        self._taken = first[0] + 1
+        if first[2] is None:
+            return _Batch([first], [first[4]], identify=True)
+        s = self._settings
+        oldest = s.clock() - ev.MAX_PAST + 60.0
+        items: list[ev.Item] = []
+        bodies: list[bytes] = []
+        size = 16
+        item: ev.Item | None = first
+        while item is not None:
+            if item[3] < oldest:
+                self._drop_items([item], "expired", "older than the server's 30-day window")
+            else:
+                body = ev.encode_event(item, self._base_context_bytes)
+                if len(body) + 16 > s.max_batch_bytes:
+                    self._drop_items([item], "payload_too_large", "larger than max_batch_bytes")
+                elif size + len(body) + 1 > s.max_batch_bytes:
+                    queue.appendleft(item)
+                    self._taken = item[0]
+                    break
+                else:
+                    items.append(item)
+                    bodies.append(body)
+                    size += len(body) + 1
+            if len(items) >= s.max_batch_size or not queue or queue[0][2] is None:
+                break
+            item = queue.popleft()
+            self._taken = item[0] + 1
+        if not queue:
+            self._timer_start = None
+        return _Batch(items, bodies, identify=False) if items else None
+
+    # -- delivery --------------------------------------------------------------------------
+
+    async def _deliver(self, batch: _Batch) -> None:
+        outcome: Outcome | None = None
+        try:
+            outcome = await self._attempts(batch)
+        finally:
+            self._in_flight.discard(batch)
+            if outcome is None:  # cancelled mid-request: keep it, it may be retried
+                self._retain(batch)
+            else:
+                self._settle(batch, outcome)
+            self._notify()
+
+    async def _attempts(self, batch: _Batch) -> Outcome:
+        s = self._settings
+        assert self._http is not None
+        url = self._url_identify if batch.identify else self._url_batch
+        body = batch.bodies[0] if batch.identify else ev.batch_body(batch.bodies)
+        attempt = 0
+        while True:
+            outcome = await post(
+                self._http, url, s.api_key or "", body, s.request_timeout, s.clock()
+            )
+            if outcome.kind != "retry" or attempt >= s.max_retries:
+                return outcome
+            delay = outcome.retry_after
+            if delay is None:
+                delay = backoff(attempt, s.backoff_base, s.backoff_cap)
+            logger.debug("whisperr: %s; retrying in %.2fs", outcome.message, delay)
+            self._retried += len(batch.items)
+            attempt += 1
+            await s.sleep(delay)
+
+    def _settle(self, batch: _Batch, outcome: Outcome) -> None:
+        count = len(batch.items)
+        if outcome.kind == "ok":
+            self._delivered += count - min(outcome.rejected, count)
+            self._pause_level = 0
+            if outcome.rejected:
+                self._report(
+                    "dropped",
+                    "partially_rejected",
+                    f"the server rejected {outcome.rejected} of {count} events in a batch",
+                    outcome.status,
+                    min(outcome.rejected, count),
+                    (),
+                )
+        elif outcome.kind == "too_large" and count > 1:
+            half = count // 2
+            for part in (slice(half, None), slice(None, half)):
+                self._retained.insert(0, _Batch(batch.items[part], batch.bodies[part], False))
+        elif outcome.kind in ("drop", "too_large"):
+            self._drop_items(batch.items, outcome.reason, outcome.message, outcome.status)
+        else:
+            kind: ReportType = "auth" if outcome.kind == "auth" else "retry_exhausted"
+            batch.failure = outcome.reason
+            self._retain(batch)
+            self._pause()
+            self._report(
+                kind,
+                outcome.reason,
+                f"{outcome.message}; {count} events kept for a later attempt",
+                outcome.status,
+                count,
+                batch.message_ids,
+            )
+
+    def _retain(self, batch: _Batch) -> None:
+        batch.retained_round = self._round
+        self._retained.append(batch)
+        self._retained.sort(key=lambda b: b.first_seq)
+
+    def _pause(self) -> None:
+        s = self._settings
+        self._pause_level += 1
+        ceiling = max(s.backoff_cap, 1.0)
+        delay = min(ceiling, max(s.backoff_base, 0.1) * 2.0 ** min(self._pause_level, 30))
+        self._paused_until = anyio.current_time() + delay * random.uniform(0.5, 1.0)
+
+    # -- reports and accounting ----------------------------------------------------------------
+
+    def _drop_items(
+        self, items: Sequence[ev.Item], reason: str, message: str, status: int | None = None
+    ) -> None:
+        ids = tuple(item[6] for item in items if item[6])
+        self._report(
+            "dropped", reason, f"{len(items)} events dropped: {message}", status, len(items), ids
+        )
+
+    def _report(
+        self,
+        kind: ReportType,
+        reason: str,
+        message: str,
+        status: int | None,
+        count: int,
+        message_ids: tuple[str, ...],
+        counted: bool = False,
+    ) -> None:
+        report = DeliveryReport(kind, reason, message, status, count, message_ids)
+        self._last_error = report
+        if kind == "dropped" and not counted:
+            self._dropped[reason] += count
+        log = logger.error if kind == "auth" else logger.warning
+        log("whisperr: %s (%s): %s", kind, reason, message)
+        hook = self._settings.on_error
+        if hook is None:
+            return
+        try:
+            result = hook(report)
+        except Exception:
+            logger.exception("whisperr: the on_error hook raised; delivery goes on")
+            return
+        if inspect.isawaitable(result):
+            if self._tg is not None:
+                self._tg.start_soon(_await_hook, result)
+            else:
+                logger.warning("whisperr: an async on_error hook was called outside the runner")
+                _close_awaitable(result)
+
+    def _emit_refused(self) -> None:
+        """Report events refused on the caller's path, one report per reason."""
+        if not self._refused:
+            return
+        refused, self._refused = self._refused, []
+        for reason in dict.fromkeys(r for r, _ in refused):
+            ids = tuple(mid for r, mid in refused if r == reason and mid)
+            count = sum(1 for r, _ in refused if r == reason)
+            self._report(
+                "dropped",
+                reason,
+                f"{count} events refused at capture ({reason})",
+                None,
+                count,
+                ids,
+                counted=True,
+            )
+
+    def _account_undelivered(self) -> None:
+        """At close: report everything not delivered, so that tracked == delivered + dropped."""
+        leftovers: dict[str, list[ev.Item]] = {}
+        for batch in self._retained:
+            leftovers.setdefault(batch.failure, []).extend(batch.items)
+        self._retained.clear()
+        if self._queue:
+            leftovers.setdefault("shutdown", []).extend(self._queue)
+            self._taken = self._queue[-1][0] + 1
+            self._queue.clear()
+        for reason, items in leftovers.items():
+            self._drop_items(items, reason, "not delivered before the client closed")
+
+    def _release_waiters(self, force: bool = False) -> None:
+        for waiter in list(self._waiters):
+            if force or self._settled(waiter):
+                self._waiters.remove(waiter)
+                waiter.done.set()
+
+    def _settled(self, waiter: _Waiter) -> bool:
+        if self._taken < waiter.target:
+            return False
+        if any(b.first_seq < waiter.target for b in self._in_flight):
+            return False
+        return not any(
+            b.first_seq < waiter.target and b.retained_round < waiter.round for b in self._retained
+        )
+
+    # -- waiting: flush and close -------------------------------------------------------------
+
+    async def flush(self, timeout: float | None = None) -> FlushResult:
+        """Wait until everything tracked before this call is settled, or ``timeout`` passes.
+
+        Settled means delivered, dropped, or kept after an auth failure or exhausted retries
+        (each kept batch gets one more attempt per flush).
+
+        Returns:
+            What was delivered and dropped meanwhile, and what is still pending.
+        """
+        before = (self._delivered, self.stats().dropped)
+        if self._closed or self._settings.disabled:
+            return self._result(before, timed_out=False)
+        self._ensure_running()
+        self._round += 1
+        waiter = _Waiter(self._taken + len(self._queue), self._round)
+        self._waiters.append(waiter)
+        self._notify()
+        with anyio.move_on_after(timeout) as scope:
+            await waiter.done.wait()
+        if waiter in self._waiters:
+            self._waiters.remove(waiter)
+        return self._result(before, timed_out=scope.cancelled_caught)
+
+    async def aclose(self, timeout: float | None = None) -> FlushResult:
+        """Stop intake, deliver what is queued within ``timeout`` and account for the rest.
+
+        ``timeout`` defaults to the ``shutdown_timeout`` setting. Everything not delivered by
+        then is counted as dropped and reported (reason ``shutdown``, or why it was kept).
+        Closes the connection pool unless it was passed in as ``http_client``.
+        """
+        before = (self._delivered, self.stats().dropped)
+        if self._closed:
+            return self._result(before, timed_out=False)
+        self._accepting = False
+        self._closed = self._closing = True
+        self._round += 1
+        if self._queue or self._retained or self._refused:
+            self._ensure_running()
+        done = self._runner_done
+        timed_out = False
+        if self._running and done is not None:
+            self._notify()
+            with anyio.move_on_after(
+                self._settings.shutdown_timeout if timeout is None else timeout
+            ):
+                await done.wait()
+            if not done.is_set():
+                timed_out = True
+                assert self._runner_scope is not None
+                self._runner_scope.cancel()
+                with anyio.CancelScope(shield=True):
+                    await done.wait()
+        else:
+            self._account_undelivered()
+            self._emit_refused()
+        return self._result(before, timed_out=timed_out)
+
+    async def __aenter__(self) -> AsyncClient:
+        if self._closed:
+            raise ClientClosedError("this whisperr client is closed")
+        if not self._settings.disabled:
+            self._ensure_running()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    # -- statistics ---------------------------------------------------------------------------
+
+    def stats(self) -> Stats:
+        """A frozen snapshot of the counters (computing ``queued_bytes`` walks the queue)."""
+        retained = [item for batch in self._retained for item in batch.items]
+        queued = list(self._queue)
+        base = len(self._base_context_bytes)
+        queued_bytes = sum(
+            len(i[4]) + (base if i[5] is None else len(i[5])) + 128 for i in queued
+        ) + sum(len(body) for batch in self._retained for body in batch.bodies)
+        dropped = dict(self._dropped)
+        return Stats(
+            tracked=self._taken + len(self._queue) + self._refused_total,
+            delivered=self._delivered,
+            dropped=sum(dropped.values()),
+            dropped_by_reason=dropped,
+            retried=self._retried,
+            queued=len(queued) + len(retained),
+            queued_bytes=queued_bytes,
+            in_flight=sum(len(b.items) for b in self._in_flight),
+            last_error=self._last_error,
+        )
+
+    def _result(self, before: tuple[int, int], *, timed_out: bool) -> FlushResult:
+        stats = self.stats()
+        return FlushResult(
+            delivered=stats.delivered - before[0],
+            dropped=stats.dropped - before[1],
+            pending=stats.queued + stats.in_flight,
+            timed_out=timed_out,
+        )
+
+
+async def _await_hook(result: Any) -> None:
+    try:
+        await result
+    except Exception:
+        logger.exception("whisperr: the on_error hook raised; delivery goes on")
+
+
+def _close_awaitable(result: Any) -> None:
+    close = getattr(result, "close", None)
+    if close is not None:
+        close()

@@ -1,0 +1,194 @@
+"""Settings: one frozen, eagerly validated record of everything a client can be told."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Literal, Protocol
+
+import anyio
+import attrs
+import httpx
+
+from ._errors import ConfigError
+from ._models import DeliveryReport
+
+DEFAULT_BASE_URL = "https://api.whisperr.net"
+# The server's hard cap: at most 500 events per batch request (WIRE.md §1).
+MAX_BATCH_SIZE = 500
+DEFAULT_MAX_BATCH_BYTES = 1_000_000
+# Wait at most this long for a batch to fill. Low enough that a quiet service still ships
+# events within a second; a full batch never waits for it.
+DEFAULT_FLUSH_INTERVAL = 1.0
+DEFAULT_MAX_QUEUE_SIZE = 100_000
+DEFAULT_MAX_RETRIES = 6
+DEFAULT_BACKOFF_BASE = 0.5
+DEFAULT_BACKOFF_CAP = 30.0
+DEFAULT_REQUEST_TIMEOUT = 10.0
+DEFAULT_SHUTDOWN_TIMEOUT = 10.0
+DEFAULT_MAX_CONCURRENCY = 4
+
+Overflow = Literal["drop_oldest", "drop_newest"]
+
+
+class OnError(Protocol):
+    """The ``on_error`` hook: a plain or ``async`` callable taking a :class:`DeliveryReport`."""
+
+    def __call__(self, report: DeliveryReport, /) -> Awaitable[None] | None: ...
+
+
+def _positive(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if not value > 0:
+        raise ConfigError(f"{attribute.name} must be > 0, got {value!r}")
+
+
+def _non_negative(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if not value >= 0:
+        raise ConfigError(f"{attribute.name} must be >= 0, got {value!r}")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _normalise_url(url: str) -> str:
+    return url.rstrip("/")
+
+
+def _int(raw: str) -> int:
+    return int(raw)
+
+
+def _bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off", ""}:
+        return False
+    raise ValueError(f"not a boolean: {raw!r}")
+
+
+@attrs.frozen(kw_only=True)
+class Settings:
+    """Everything an :class:`AsyncClient` can be configured with.
+
+    Every field is also accepted as a keyword argument of ``AsyncClient(...)`` and
+    ``whisperr.init(...)``. Durations are in seconds. Derive variants with ``attrs.evolve``.
+    """
+
+    api_key: str | None = attrs.field(default=None, repr=False)
+    base_url: str = attrs.field(default=DEFAULT_BASE_URL, converter=_normalise_url)
+    app_version: str | None = None
+    max_batch_size: int = attrs.field(default=MAX_BATCH_SIZE)
+    max_batch_bytes: int = attrs.field(default=DEFAULT_MAX_BATCH_BYTES)
+    flush_interval: float = attrs.field(default=DEFAULT_FLUSH_INTERVAL, validator=_positive)
+    max_queue_size: int = attrs.field(default=DEFAULT_MAX_QUEUE_SIZE, validator=_positive)
+    overflow: Overflow = attrs.field(default="drop_oldest")
+    max_retries: int = attrs.field(default=DEFAULT_MAX_RETRIES, validator=_non_negative)
+    backoff_base: float = attrs.field(default=DEFAULT_BACKOFF_BASE, validator=_non_negative)
+    backoff_cap: float = attrs.field(default=DEFAULT_BACKOFF_CAP, validator=_non_negative)
+    request_timeout: float = attrs.field(default=DEFAULT_REQUEST_TIMEOUT, validator=_positive)
+    shutdown_timeout: float = attrs.field(default=DEFAULT_SHUTDOWN_TIMEOUT, validator=_non_negative)
+    max_concurrency: int = attrs.field(default=DEFAULT_MAX_CONCURRENCY, validator=_positive)
+    on_error: OnError | None = None
+    strict: bool = True
+    disabled: bool = False
+    allow_insecure_http: bool = False
+    http_client: httpx.AsyncClient | None = attrs.field(default=None)
+    transport: httpx.AsyncBaseTransport | None = None
+    clock: Callable[[], float] = time.time
+    sleep: Callable[[float], Awaitable[None]] = anyio.sleep
+
+    @api_key.validator
+    def _check_api_key(self, attribute: attrs.Attribute[Any], value: str | None) -> None:
+        if value is None or value == "":
+            if not self.disabled:
+                raise ConfigError("api_key is required (or set WHISPERR_API_KEY, or disabled=True)")
+            return
+        if not isinstance(value, str) or value != value.strip() or any(c.isspace() for c in value):
+            raise ConfigError("api_key must be a string without whitespace")
+
+    @base_url.validator
+    def _check_base_url(self, attribute: attrs.Attribute[Any], value: str) -> None:
+        url = httpx.URL(value)
+        if url.scheme not in {"http", "https"} or not url.host:
+            raise ConfigError(f"base_url must be an http(s) URL, got {value!r}")
+        insecure = url.scheme == "http" and not _is_loopback(url.host)
+        if insecure and not self.allow_insecure_http:
+            raise ConfigError(
+                "base_url uses plain http:// to a non-loopback host, which would send the API key "
+                "in clear text; use https:// or pass allow_insecure_http=True"
+            )
+
+    @max_batch_size.validator
+    def _check_batch_size(self, attribute: attrs.Attribute[Any], value: int) -> None:
+        if not 1 <= value <= MAX_BATCH_SIZE:
+            raise ConfigError(
+                f"max_batch_size must be between 1 and {MAX_BATCH_SIZE}, got {value!r}"
+            )
+
+    @max_batch_bytes.validator
+    def _check_batch_bytes(self, attribute: attrs.Attribute[Any], value: int) -> None:
+        if value < 4096:
+            raise ConfigError(f"max_batch_bytes must be >= 4096, got {value!r}")
+
+    @overflow.validator
+    def _check_overflow(self, attribute: attrs.Attribute[Any], value: str) -> None:
+        if value not in {"drop_oldest", "drop_newest"}:
+            raise ConfigError(f"overflow must be 'drop_oldest' or 'drop_newest', got {value!r}")
+
+    @http_client.validator
+    def _check_http(self, attribute: attrs.Attribute[Any], value: httpx.AsyncClient | None) -> None:
+        if value is not None and self.transport is not None:
+            raise ConfigError("pass http_client or transport, not both")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Build settings from ``WHISPERR_*`` environment variables, then ``overrides``.
+
+        Each plain field ``name`` is read from ``WHISPERR_<NAME>`` (for example
+        ``WHISPERR_API_KEY``, ``WHISPERR_BASE_URL``, ``WHISPERR_FLUSH_INTERVAL``,
+        ``WHISPERR_DISABLED``). Keyword arguments win over the environment.
+
+        Raises:
+            ConfigError: a variable does not parse, or the result is invalid.
+        """
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for name, parse in _ENV_FIELDS.items():
+            raw = env.get(f"WHISPERR_{name.upper()}")
+            if raw is None or name in overrides:
+                continue
+            try:
+                values[name] = parse(raw)
+            except ValueError:
+                raise ConfigError(f"WHISPERR_{name.upper()} does not parse: {raw!r}") from None
+        return cls(**values, **overrides)
+
+
+_ENV_FIELDS: dict[str, Callable[[str], Any]] = {
+    "api_key": str,
+    "base_url": str,
+    "app_version": str,
+    "max_batch_size": _int,
+    "max_batch_bytes": _int,
+    "flush_interval": float,
+    "max_queue_size": _int,
+    "overflow": str,
+    "max_retries": _int,
+    "backoff_base": float,
+    "backoff_cap": float,
+    "request_timeout": float,
+    "shutdown_timeout": float,
+    "max_concurrency": _int,
+    "strict": _bool,
+    "disabled": _bool,
+    "allow_insecure_http": _bool,
+}

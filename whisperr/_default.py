@@ -1,0 +1,94 @@
+"""The module-level API: one default AsyncClient behind ``whisperr.init()`` and friends."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ._client import AsyncClient
+from ._config import Settings
+from ._errors import WhisperrError
+from ._models import FlushResult
+
+_default: AsyncClient | None = None
+
+
+def init(api_key: str | None = None, **settings: Any) -> AsyncClient:
+    """Create the default client; settings not passed are read from ``WHISPERR_*`` variables.
+
+    Raises:
+        WhisperrError: a default client is already open; ``await whisperr.shutdown()`` first.
+        ConfigError: the settings are invalid (for example no API key anywhere).
+    """
+    global _default
+    if _default is not None:
+        raise WhisperrError("whisperr.init() was already called; await whisperr.shutdown() first")
+    if api_key is not None:
+        settings["api_key"] = api_key
+    _default = AsyncClient(Settings.from_env(**settings))
+    return _default
+
+
+def get_client() -> AsyncClient:
+    """The default client.
+
+    Raises:
+        WhisperrError: ``whisperr.init()`` has not been called.
+    """
+    if _default is None:
+        raise WhisperrError("call whisperr.init(api_key=...) before using the module-level API")
+    return _default
+
+
+def track(
+    external_user_id: str,
+    event_type: str,
+    properties: Mapping[str, Any] | None = None,
+    context: Mapping[str, Any] | None = None,
+    *,
+    occurred_at: Any = None,
+    message_id: str | None = None,
+) -> str:
+    """``track()`` on the default client; see :meth:`AsyncClient.track`."""
+    return get_client().track(
+        external_user_id,
+        event_type,
+        properties,
+        context,
+        occurred_at=occurred_at,
+        message_id=message_id,
+    )
+
+
+def identify(
+    external_user_id: str,
+    traits: Mapping[str, Any] | None = None,
+    *,
+    email: str | None = None,
+    phone: str | None = None,
+    push_token: str | None = None,
+    preferred_channel: str | None = None,
+    channels: Sequence[Mapping[str, Any]] | None = None,
+) -> None:
+    """``identify()`` on the default client; see :meth:`AsyncClient.identify`."""
+    get_client().identify(
+        external_user_id,
+        traits,
+        email=email,
+        phone=phone,
+        push_token=push_token,
+        preferred_channel=preferred_channel,
+        channels=channels,
+    )
+
+
+async def flush(timeout: float | None = None) -> FlushResult:
+    """``flush()`` on the default client; see :meth:`AsyncClient.flush`."""
+    return await get_client().flush(timeout)
+
+
+async def shutdown(timeout: float | None = None) -> FlushResult | None:
+    """Close the default client (delivering what is queued) and forget it; None if there is none."""
+    global _default
+    client, _default = _default, None
+    return None if client is None else await client.aclose(timeout)

@@ -1,0 +1,237 @@
+"""Capture-time validation and the JSON encoding of events and identifies (every orjson call)."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from functools import lru_cache
+from typing import Any
+
+import orjson
+
+from ._errors import InvalidEventError
+
+# The event_type rule of the ingestion API; fullmatch, so a trailing newline does not slip by.
+_EVENT_TYPE = re.compile(r"[a-z0-9]+(?:_[a-z0-9]+)*")
+# RFC 3339 date-time with a mandatory offset; fractional digits are optional.
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:[Zz]|[+-]\d{2}:\d{2})")
+MAX_FUTURE = 5 * 60.0
+MAX_PAST = 30 * 86400.0
+MAX_MESSAGE_ID = 200
+MAX_TRAITS_BYTES = 50_000
+MAX_CHANNELS = 10
+CHANNEL_TYPES = frozenset({"email", "sms", "push"})
+_VARIANT = dict(zip("0123456789abcdef", "89ab89ab89ab89ab", strict=True))
+
+# What the client keeps per queued message, captured at track()/identify() time:
+# (seq, external_user_id, event_type or None for an identify, occurred_at as epoch seconds,
+#  encoded properties (or the whole identify body), encoded context or None, message id).
+Item = tuple[int, str, str | None, float, bytes, bytes | None, str]
+
+
+def check_user_id(value: object) -> str:
+    """Return ``value`` if it is a non-empty string, else raise."""
+    if not isinstance(value, str) or not value:
+        raise InvalidEventError("external_user_id", f"must be a non-empty string, got {value!r}")
+    return value
+
+
+def check_event_type(value: object) -> str:
+    """Return ``value`` if it is lowercase snake_case, else raise."""
+    if not isinstance(value, str) or _EVENT_TYPE.fullmatch(value) is None:
+        raise InvalidEventError(
+            "event_type",
+            f"must match ^[a-z0-9]+(?:_[a-z0-9]+)*$ (lowercase snake_case, e.g. 'payment_failed'),"
+            f" got {value!r}",
+        )
+    return value
+
+
+def encode_object(field: str, value: object) -> bytes:
+    """Encode a mapping to JSON now, so later mutation by the caller cannot change it."""
+    if not isinstance(value, Mapping):
+        raise InvalidEventError(field, f"must be a mapping (dict), got {type(value).__name__}")
+    if type(value) is not dict:
+        value = dict(value)
+    try:
+        return orjson.dumps(value)
+    except TypeError as exc:  # orjson.JSONEncodeError is a TypeError
+        raise InvalidEventError(field, f"must be JSON-serializable: {exc}") from None
+
+
+def base_context(sdk_name: str, sdk_version: str, app_version: str | None) -> dict[str, str]:
+    """The context keys every event carries, as the official SDK sends them."""
+    context = {"sdk_name": sdk_name, "sdk_version": sdk_version}
+    if app_version and app_version.strip():
+        context["app_version"] = app_version.strip()
+    return context
+
+
+def encode_context(context: object, base: Mapping[str, str]) -> tuple[bytes, str | None]:
+    """Merge the caller's context over ``base``; return it encoded and any ``$message_id``."""
+    if not isinstance(context, Mapping):
+        raise InvalidEventError(
+            "context", f"must be a mapping (dict), got {type(context).__name__}"
+        )
+    merged = {**base, **context}
+    message_id = merged.pop("$message_id", None)
+    if message_id is not None:
+        message_id = check_message_id(message_id, "context.$message_id")
+    return encode_object("context", merged), message_id
+
+
+def check_message_id(value: object, field: str = "message_id") -> str:
+    """Return a caller-supplied idempotency key if it follows the rules, else raise."""
+    if not isinstance(value, str) or not value or value != value.strip():
+        raise InvalidEventError(
+            field, f"must be a non-empty string without outer spaces, got {value!r}"
+        )
+    if len(value) > MAX_MESSAGE_ID:
+        raise InvalidEventError(field, f"must be at most {MAX_MESSAGE_ID} characters")
+    return value
+
+
+def new_message_id() -> str:
+    """A random (version 4) UUID string, from the OS's random source (fork-safe, seed-proof)."""
+    h = os.urandom(16).hex()
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
+
+
+def parse_occurred_at(value: object, now: float) -> float:
+    """Turn an aware datetime or RFC 3339 string into epoch seconds inside the server's window."""
+    if isinstance(value, str):
+        if _RFC3339.fullmatch(value) is None:
+            raise InvalidEventError(
+                "occurred_at", f"must be an RFC 3339 timestamp with an offset, got {value!r}"
+            )
+        value = datetime.fromisoformat(value.upper().replace("Z", "+00:00"))
+    if not isinstance(value, datetime):
+        raise InvalidEventError(
+            "occurred_at",
+            f"must be an aware datetime or RFC 3339 string, got {type(value).__name__}",
+        )
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise InvalidEventError(
+            "occurred_at", "must be timezone-aware (a naive datetime is ambiguous)"
+        )
+    stamp = value.timestamp()
+    if stamp > now + MAX_FUTURE:
+        raise InvalidEventError("occurred_at", "must not be more than 5 minutes in the future")
+    if stamp < now - MAX_PAST:
+        raise InvalidEventError("occurred_at", "must not be more than 30 days in the past")
+    return stamp
+
+
+@lru_cache(maxsize=256)
+def _second(seconds: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+
+
+def format_timestamp(stamp: float) -> str:
+    """RFC 3339 in UTC with milliseconds (truncated, not rounded) and ``Z``."""
+    seconds, micros = divmod(round(stamp * 1_000_000), 1_000_000)
+    return f"{_second(seconds)}.{micros // 1000:03d}Z"
+
+
+def encode_event(item: Item, base: bytes) -> bytes:
+    """The wire form of one queued track event."""
+    _, user_id, event_type, stamp, properties, context, message_id = item
+    context = base if context is None else context
+    tail = b"}" if context == b"{}" else b"," + context[1:]
+    return orjson.dumps(
+        {
+            "external_user_id": user_id,
+            "event_type": event_type,
+            "occurred_at": format_timestamp(stamp),
+            "properties": orjson.Fragment(properties),
+            "context": orjson.Fragment(b'{"$message_id":' + orjson.dumps(message_id) + tail),
+        }
+    )
+
+
+def encode_base_context(base: Mapping[str, str]) -> bytes:
+    """Encode the SDK's own context once, for events tracked without a context."""
+    return orjson.dumps(dict(base))
+
+
+def batch_body(events: Sequence[bytes]) -> bytes:
+    """The body of ``POST /v1/events/batch`` from already encoded events."""
+    return b'{"events":[' + b",".join(events) + b"]}"
+
+
+def rejected_count(content: bytes) -> int:
+    """How many events a 2xx batch answer says it rejected; 0 when the body says nothing."""
+    try:
+        answer = orjson.loads(content)
+    except orjson.JSONDecodeError:
+        return 0
+    rejected = answer.get("rejected") if isinstance(answer, dict) else None
+    return rejected if isinstance(rejected, int) and rejected > 0 else 0
+
+
+def encode_identify(
+    user_id: object,
+    traits: object,
+    preferred_channel: object,
+    channels: object,
+    shortcuts: Sequence[tuple[str, object]],
+) -> bytes:
+    """Validate an identify call and return its wire body."""
+    body: dict[str, Any] = {"external_user_id": check_user_id(user_id)}
+    if traits is not None:
+        encoded = encode_object("traits", traits)
+        if len(encoded) > MAX_TRAITS_BYTES:
+            raise InvalidEventError("traits", f"must encode to at most {MAX_TRAITS_BYTES} bytes")
+        if encoded != b"{}":
+            body["traits"] = orjson.Fragment(encoded)
+    if preferred_channel is not None:
+        if preferred_channel not in CHANNEL_TYPES:
+            raise InvalidEventError(
+                "preferred_channel", f"must be one of email, sms, push, got {preferred_channel!r}"
+            )
+        body["preferred_channel"] = preferred_channel
+    wire = [_channel(i, c) for i, c in enumerate(_sequence("channels", channels))]
+    for kind, address in shortcuts:
+        if address is not None:
+            wire.append(_channel(len(wire), {"channel": kind, "address": address}))
+    if len(wire) > MAX_CHANNELS:
+        raise InvalidEventError("channels", f"must hold at most {MAX_CHANNELS} channels")
+    if wire:
+        body["channels"] = wire
+    return orjson.dumps(body)
+
+
+def _sequence(field: str, value: object) -> Sequence[object]:
+    if value is None:
+        return ()
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise InvalidEventError(field, f"must be a list, got {type(value).__name__}")
+    return value
+
+
+def _channel(index: int, spec: object) -> dict[str, object]:
+    field = f"channels[{index}]"
+    if not isinstance(spec, Mapping):
+        raise InvalidEventError(field, f"must be a mapping, got {type(spec).__name__}")
+    unknown = set(spec) - {"channel", "type", "address", "opted_in", "verified"}
+    if unknown:
+        raise InvalidEventError(field, f"has unknown keys {sorted(map(str, unknown))}")
+    kind = spec.get("channel", spec.get("type"))
+    if kind not in CHANNEL_TYPES:
+        raise InvalidEventError(
+            f"{field}.channel", f"must be one of email, sms, push, got {kind!r}"
+        )
+    address = spec.get("address")
+    if not isinstance(address, str) or not address.strip():
+        raise InvalidEventError(f"{field}.address", f"must be a non-empty string, got {address!r}")
+    wire: dict[str, object] = {"channel": kind, "address": address}
+    for flag, default in (("opted_in", True), ("verified", None)):
+        value = spec.get(flag, default)
+        if value is not None and not isinstance(value, bool):
+            raise InvalidEventError(f"{field}.{flag}", f"must be a bool, got {value!r}")
+        if value is not None:
+            wire[flag] = value
+    return wire

@@ -1,0 +1,72 @@
+"""The frozen records the client hands out: delivery reports, statistics and flush results."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Literal
+
+import attrs
+
+ReportType = Literal["auth", "retry_exhausted", "dropped"]
+
+
+@attrs.frozen
+class DeliveryReport:
+    """What the ``on_error`` hook receives when events were not delivered (yet).
+
+    Attributes:
+        type: ``"auth"`` (key rejected; events kept), ``"retry_exhausted"`` (retries used up;
+            events kept for a later attempt) or ``"dropped"`` (events will never be delivered).
+        reason: a finer cause, for example ``"unauthorized"``, ``"server_error"``,
+            ``"rate_limited"``, ``"network_error"``, ``"rejected"``, ``"payload_too_large"``,
+            ``"partially_rejected"``, ``"expired"``, ``"queue_overflow"``, ``"invalid"`` or
+            ``"shutdown"``.
+        message: a sentence for a human.
+        status: the HTTP status, when there was a response.
+        count: how many events the report is about.
+        message_ids: their ``$message_id`` values, when known.
+    """
+
+    type: ReportType
+    reason: str
+    message: str
+    status: int | None = None
+    count: int = 0
+    message_ids: tuple[str, ...] = ()
+
+
+@attrs.frozen
+class Stats:
+    """A snapshot of the client's counters; every count is in events (tracks and identifies).
+
+    After ``aclose()`` every tracked event is accounted for:
+    ``tracked == delivered + dropped``.
+    """
+
+    tracked: int
+    delivered: int
+    dropped: int
+    dropped_by_reason: Mapping[str, int]
+    retried: int
+    queued: int
+    queued_bytes: int
+    in_flight: int
+    last_error: DeliveryReport | None
+
+
+@attrs.frozen
+class FlushResult:
+    """What a ``flush()`` or ``aclose()`` achieved.
+
+    Attributes:
+        delivered: events delivered while it ran.
+        dropped: events dropped while it ran.
+        pending: events still waiting when it returned (queued, kept after an auth failure or
+            exhausted retries, or in flight).
+        timed_out: whether it returned because its deadline passed.
+    """
+
+    delivered: int
+    dropped: int
+    pending: int
+    timed_out: bool
