@@ -301,7 +301,7 @@ class AsyncClient:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return self._start_trio()
-        self._running = True
+        self._begin()
         self._task = loop.create_task(self._run(), name="whisperr-runner")
         return True
 
@@ -313,16 +313,23 @@ class AsyncClient:
             trio.lowlevel.current_task()
         except RuntimeError:
             return False
-        self._running = True
+        self._begin()
         trio.lowlevel.spawn_system_task(self._run, name="whisperr-runner")
         return True
+
+    def _begin(self) -> None:
+        # Called inside the event loop the runner will live in; a previous loop's events are stale.
+        self._running = True
+        self._wakeup = None
+        self._runner_done = anyio.Event()
 
     def _ensure_running(self) -> None:
         if not self._running and not self._start():
             raise RuntimeError("whisperr: flush() and aclose() must run inside an event loop")
 
     async def _run(self) -> None:
-        self._runner_done = done = anyio.Event()
+        done = self._runner_done
+        assert done is not None
         self._http = self._settings.http_client or httpx.AsyncClient(
             transport=self._settings.transport,
             limits=httpx.Limits(
