@@ -56,7 +56,12 @@ class Api:
     @property
     def events(self) -> list[dict[str, Any]]:
         """Every event of every batch request, in the order they were sent."""
-        return [e for r in self.requests if r.url.path.endswith("/batch") for e in orjson.loads(r.content)["events"]]
+        return [
+            e
+            for r in self.requests
+            if r.url.path.endswith("/batch")
+            for e in orjson.loads(r.content)["events"]
+        ]
 
     def transport(self) -> httpx.MockTransport:
         return httpx.MockTransport(self)

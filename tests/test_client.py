@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from email.utils import format_datetime
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import httpx
 import orjson
 import pytest
@@ -25,12 +26,15 @@ def ids(api: Api) -> list[str]:
 
 
 class TestCapture:
-    async def test_track_returns_the_message_id_sent(self, settings: dict[str, Any], api: Api) -> None:
+    async def test_track_returns_the_message_id_sent(
+        self, settings: dict[str, Any], api: Api
+    ) -> None:
         """track() returns the $message_id that goes on the wire, a UUID string."""
         async with whisperr.AsyncClient(**settings) as client:
             message_id = client.track("u", "payment_failed")
         assert ids(api) == [message_id]
-        assert len(message_id) == 36 and message_id[14] == "4"
+        assert len(message_id) == 36
+        assert message_id[14] == "4"
 
     async def test_occurred_at_is_stamped_at_capture(
         self, settings: dict[str, Any], api: Api, clock: Clock
@@ -42,7 +46,9 @@ class TestCapture:
             await client.flush()
         assert api.events[0]["occurred_at"] == "2026-06-14T12:00:00.123Z"
 
-    async def test_mutation_after_track_is_not_sent(self, settings: dict[str, Any], api: Api) -> None:
+    async def test_mutation_after_track_is_not_sent(
+        self, settings: dict[str, Any], api: Api
+    ) -> None:
         """What is sent is the event as it was when track() was called."""
         properties: dict[str, Any] = {"items": [1], "plan": "pro"}
         context: dict[str, Any] = {"ip": "10.0.0.1"}
@@ -100,21 +106,25 @@ class TestCapture:
 
 
 class TestBatching:
-    async def test_batches_hold_at_most_max_batch_size(self, settings: dict[str, Any], api: Api) -> None:
+    async def test_batches_hold_at_most_max_batch_size(
+        self, settings: dict[str, Any], api: Api
+    ) -> None:
         """1,234 events go out as 500 + 500 + 234, in order."""
         async with whisperr.AsyncClient(**settings) as client:
             sent = [client.track("u", "a_b", {"i": i}) for i in range(1234)]
         assert [len(b["events"]) for b in api.bodies] == [500, 500, 234]
         assert ids(api) == sent
 
-    async def test_full_batch_goes_out_without_flush(self, settings: dict[str, Any], api: Api) -> None:
+    async def test_full_batch_goes_out_without_flush(
+        self, settings: dict[str, Any], api: Api
+    ) -> None:
         """A full batch is sent at once, without waiting for the interval or a flush()."""
         async with whisperr.AsyncClient(**settings, max_batch_size=10) as client:
             for i in range(25):
                 client.track("u", "a_b", {"i": i})
             with anyio.fail_after(5):
                 while client.stats().delivered < 20:
-                    await anyio.sleep(0)
+                    await anyio.lowlevel.checkpoint()
             assert client.stats().queued == 5
             assert [len(b["events"]) for b in api.bodies] == [10, 10]
 
@@ -159,10 +169,14 @@ class TestOrdering:
         assert paths.count("/v1/identify") == 1
         before = [e for b in api.bodies[:position] for e in b["events"]]
         after = [e for b in api.bodies[position + 1 :] for e in b["events"]]
-        assert {e["event_type"] for e in before} == {"before"} and len(before) == 5
-        assert {e["event_type"] for e in after} == {"after"} and len(after) == 5
+        assert {e["event_type"] for e in before} == {"before"}
+        assert len(before) == 5
+        assert {e["event_type"] for e in after} == {"after"}
+        assert len(after) == 5
 
-    async def test_identify_waits_for_tracks_in_flight(self, settings: dict[str, Any], api: Api) -> None:
+    async def test_identify_waits_for_tracks_in_flight(
+        self, settings: dict[str, Any], api: Api
+    ) -> None:
         """The identify request starts only after every earlier track request has answered."""
         log: list[str] = []
         release = anyio.Event()
@@ -181,7 +195,7 @@ class TestOrdering:
             client.identify("u")
             with anyio.fail_after(5):
                 while log.count("start /v1/events/batch") < 2:
-                    await anyio.sleep(0)
+                    await anyio.lowlevel.checkpoint()
             assert "start /v1/identify" not in log
             release.set()
         assert log.index("start /v1/identify") > max(
@@ -203,7 +217,10 @@ class TestOutcomes:
         assert len(api.requests) == 1
         [report] = reports
         assert (report.type, report.reason, report.status, report.message_ids) == (
-            "dropped", "rejected", status, (mid,)
+            "dropped",
+            "rejected",
+            status,
+            (mid,),
         )
 
     @pytest.mark.parametrize("status", [401, 403])
@@ -227,7 +244,9 @@ class TestOutcomes:
     ) -> None:
         """5xx is retried max_retries times; then the batch is kept and reported."""
         api.script = [httpx.Response(500)] * 4
-        async with whisperr.AsyncClient(**settings, max_retries=3, on_error=reports.append) as client:
+        async with whisperr.AsyncClient(
+            **settings, max_retries=3, on_error=reports.append
+        ) as client:
             client.track("u", "a_b")
             result = await client.flush()
             assert (result.delivered, result.pending) == (0, 1)
@@ -238,8 +257,13 @@ class TestOutcomes:
 
     @pytest.mark.parametrize(
         "failure",
-        [httpx.Response(503), httpx.Response(429), httpx.ConnectError("refused"),
-         httpx.ReadTimeout("slow"), httpx.RemoteProtocolError("closed")],
+        [
+            httpx.Response(503),
+            httpx.Response(429),
+            httpx.ConnectError("refused"),
+            httpx.ReadTimeout("slow"),
+            httpx.RemoteProtocolError("closed"),
+        ],
     )
     async def test_transient_failures_are_retried(
         self, failure: Any, settings: dict[str, Any], api: Api
@@ -316,13 +340,26 @@ class TestOutcomes:
 class TestRetryAfter:
     @pytest.mark.parametrize(
         ("value", "expected"),
-        [("7", 7.0), (" 0 ", 0.0), ("3600", 60.0), ("+5s", None), ("", None), ("soon", None),
-         ("-5", None), ("1.5", None)],
+        [
+            ("7", 7.0),
+            (" 0 ", 0.0),
+            ("3600", 60.0),
+            ("+5s", None),
+            ("", None),
+            ("soon", None),
+            ("-5", None),
+            ("1.5", None),
+        ],
     )
     @pytest.mark.parametrize("status", [429, 503])
     async def test_retry_after_vectors(
-        self, value: str, expected: float | None, status: int,
-        settings: dict[str, Any], api: Api, sleeps: Sleeps,
+        self,
+        value: str,
+        expected: float | None,
+        status: int,
+        settings: dict[str, Any],
+        api: Api,
+        sleeps: Sleeps,
     ) -> None:
         """Retry-After on 429/503 sets the wait (capped at 60 s); unusable values use backoff."""
         api.script = [httpx.Response(status, headers={"Retry-After": value})]
@@ -337,12 +374,19 @@ class TestRetryAfter:
 
     @pytest.mark.parametrize(("offset", "expected"), [(5, 5.0), (-30, 0.0), (7200, 60.0)])
     async def test_retry_after_http_date(
-        self, offset: int, expected: float, settings: dict[str, Any], api: Api,
-        sleeps: Sleeps, clock: Clock,
+        self,
+        offset: int,
+        expected: float,
+        settings: dict[str, Any],
+        api: Api,
+        sleeps: Sleeps,
+        clock: Clock,
     ) -> None:
         """An HTTP-date is read relative to the clock: ahead waits, past means now."""
         when = datetime.fromtimestamp(clock.now + offset, timezone.utc)
-        api.script = [httpx.Response(429, headers={"Retry-After": format_datetime(when, usegmt=True)})]
+        api.script = [
+            httpx.Response(429, headers={"Retry-After": format_datetime(when, usegmt=True)})
+        ]
         async with whisperr.AsyncClient(**settings) as client:
             client.track("u", "a_b")
         assert sleeps.delays == [pytest.approx(expected, abs=1.0)]
@@ -366,7 +410,9 @@ class TestFlushAndClose:
             for _ in range(1001):
                 client.track("u", "a_b")
             result = await client.flush()
-            assert result == whisperr.FlushResult(delivered=1001, dropped=0, pending=0, timed_out=False)
+            assert result == whisperr.FlushResult(
+                delivered=1001, dropped=0, pending=0, timed_out=False
+            )
             assert len(api.events) == 1001
 
     async def test_flush_timeout_returns_with_pending(self, settings: dict[str, Any]) -> None:
@@ -465,7 +511,7 @@ class TestHooks:
         got: list[whisperr.DeliveryReport] = []
 
         async def hook(report: whisperr.DeliveryReport) -> None:
-            await anyio.sleep(0)
+            await anyio.lowlevel.checkpoint()
             got.append(report)
 
         api.script = [httpx.Response(400)]
@@ -477,7 +523,10 @@ class TestHooks:
 
 class TestSecurity:
     async def test_key_never_in_logs_reprs_or_reports(
-        self, settings: dict[str, Any], api: Api, caplog: pytest.LogCaptureFixture,
+        self,
+        settings: dict[str, Any],
+        api: Api,
+        caplog: pytest.LogCaptureFixture,
         reports: list[Any],
     ) -> None:
         """The API key appears in no log line, repr or report, whatever happens."""
@@ -522,7 +571,9 @@ async def test_one_pooled_connection_for_many_batches(settings: dict[str, Any], 
     assert len(seen) == 1
 
 
-def test_final_delivery_when_the_loop_ends_without_aclose(settings: dict[str, Any], api: Api) -> None:
+def test_final_delivery_when_the_loop_ends_without_aclose(
+    settings: dict[str, Any], api: Api
+) -> None:
     """asyncio.run() returning without aclose() still delivers what was queued."""
     client = whisperr.AsyncClient(**settings)
 

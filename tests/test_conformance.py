@@ -87,8 +87,12 @@ async def test_behavior(case: dict[str, Any], api: Api, sleeps: Sleeps, clock: C
     reports: list[whisperr.DeliveryReport] = []
     expect = case["expect"]
     async with whisperr.AsyncClient(
-        api_key=API_KEY, transport=api.transport(), clock=clock, sleep=sleeps,
-        max_retries=case.get("clientOptions", {}).get("maxRetries", 0), on_error=reports.append,
+        api_key=API_KEY,
+        transport=api.transport(),
+        clock=clock,
+        sleep=sleeps,
+        max_retries=case.get("clientOptions", {}).get("maxRetries", 0),
+        on_error=reports.append,
     ) as client:
         scenario = case["scenario"]
         message_id = client.track(

@@ -49,6 +49,7 @@ INVALID_TRACKS: list[tuple[dict[str, Any], str, str]] = [
     ({"occurred_at": "2026-06-14T12:00:00"}, "occurred_at", "RFC 3339"),
     ({"occurred_at": "2026-06-14"}, "occurred_at", "RFC 3339"),
     ({"occurred_at": "yesterday"}, "occurred_at", "RFC 3339"),
+    ({"occurred_at": "2026-02-30T12:00:00Z"}, "occurred_at", "not a real date"),
     ({"occurred_at": 1781438400}, "occurred_at", "aware datetime"),
     ({"occurred_at": NOW_DT + timedelta(minutes=5, seconds=1)}, "occurred_at", "future"),
     ({"occurred_at": NOW_DT - timedelta(days=30, seconds=1)}, "occurred_at", "30 days"),
@@ -68,8 +69,11 @@ INVALID_IDENTIFIES: list[tuple[dict[str, Any], str, str]] = [
     ({"channels": "email"}, "channels", "list"),
     ({"channels": [{"channel": "fax", "address": "x"}]}, "channels[0].channel", "email, sms"),
     ({"channels": [{"channel": "email"}]}, "channels[0].address", "non-empty string"),
-    ({"channels": [{"channel": "email", "address": "a@b.c", "opted_in": "yes"}]},
-     "channels[0].opted_in", "bool"),
+    (
+        {"channels": [{"channel": "email", "address": "a@b.c", "opted_in": "yes"}]},
+        "channels[0].opted_in",
+        "bool",
+    ),
     ({"channels": [{"channel": "sms", "address": "+1", "kind": "x"}]}, "channels[0]", "unknown"),
     ({"channels": [{"channel": "sms", "address": f"+{i}"} for i in range(11)]}, "channels", "10"),
     ({"email": ""}, "channels[0].address", "non-empty string"),
@@ -78,10 +82,18 @@ INVALID_IDENTIFIES: list[tuple[dict[str, Any], str, str]] = [
 VALID_TRACKS: list[tuple[dict[str, Any], dict[str, Any]]] = [
     ({"properties": None}, {"properties": {}}),
     ({"properties": collections.OrderedDict(a=1)}, {"properties": {"a": 1}}),
-    ({"properties": {"nested": {"l": [1, 2.5, None, True, "s"]}}},
-     {"properties": {"nested": {"l": [1, 2.5, None, True, "s"]}}}),
-    ({"occurred_at": datetime(2026, 6, 14, 14, 0, 0, 999999, tzinfo=timezone(timedelta(hours=2)))},
-     {"occurred_at": "2026-06-14T12:00:00.999Z"}),
+    (
+        {"properties": {"nested": {"l": [1, 2.5, None, True, "s"]}}},
+        {"properties": {"nested": {"l": [1, 2.5, None, True, "s"]}}},
+    ),
+    (
+        {
+            "occurred_at": datetime(
+                2026, 6, 14, 14, 0, 0, 999999, tzinfo=timezone(timedelta(hours=2))
+            )
+        },
+        {"occurred_at": "2026-06-14T12:00:00.999Z"},
+    ),
     ({"occurred_at": "2026-06-14T11:59:00.5+00:00"}, {"occurred_at": "2026-06-14T11:59:00.500Z"}),
     ({"occurred_at": "2026-06-14T11:59:00Z"}, {"occurred_at": "2026-06-14T11:59:00.000Z"}),
     ({"occurred_at": NOW_DT - timedelta(days=29)}, {"occurred_at": "2026-05-16T12:00:00.123Z"}),

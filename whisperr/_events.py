@@ -17,7 +17,9 @@ from ._errors import InvalidEventError
 # The event_type rule of the ingestion API; fullmatch, so a trailing newline does not slip by.
 _EVENT_TYPE = re.compile(r"[a-z0-9]+(?:_[a-z0-9]+)*")
 # RFC 3339 date-time with a mandatory offset; fractional digits are optional.
-_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:[Zz]|[+-]\d{2}:\d{2})")
+_RFC3339 = re.compile(
+    r"(\d{4}-\d{2}-\d{2})[Tt ](\d{2}:\d{2}:\d{2})(?:\.(\d+))?([Zz]|[+-]\d{2}:\d{2})"
+)
 MAX_FUTURE = 5 * 60.0
 MAX_PAST = 30 * 86400.0
 MAX_MESSAGE_ID = 200
@@ -103,11 +105,7 @@ def new_message_id() -> str:
 def parse_occurred_at(value: object, now: float) -> float:
     """Turn an aware datetime or RFC 3339 string into epoch seconds inside the server's window."""
     if isinstance(value, str):
-        if _RFC3339.fullmatch(value) is None:
-            raise InvalidEventError(
-                "occurred_at", f"must be an RFC 3339 timestamp with an offset, got {value!r}"
-            )
-        value = datetime.fromisoformat(value.upper().replace("Z", "+00:00"))
+        value = _parse_rfc3339(value)
     if not isinstance(value, datetime):
         raise InvalidEventError(
             "occurred_at",
@@ -123,6 +121,22 @@ def parse_occurred_at(value: object, now: float) -> float:
     if stamp < now - MAX_PAST:
         raise InvalidEventError("occurred_at", "must not be more than 30 days in the past")
     return stamp
+
+
+def _parse_rfc3339(value: str) -> datetime:
+    match = _RFC3339.fullmatch(value)
+    if match is None:
+        raise InvalidEventError(
+            "occurred_at", f"must be an RFC 3339 timestamp with an offset, got {value!r}"
+        )
+    date, clock, fraction, offset = match.groups()
+    # datetime.fromisoformat() of Python 3.10 takes only 3 or 6 fractional digits and no "Z".
+    micros = (fraction or "").ljust(6, "0")[:6]
+    offset = "+00:00" if offset in "Zz" else offset
+    try:
+        return datetime.fromisoformat(f"{date}T{clock}.{micros}{offset}")
+    except ValueError:
+        raise InvalidEventError("occurred_at", f"is not a real date and time: {value!r}") from None
 
 
 @lru_cache(maxsize=256)

@@ -1,0 +1,15 @@
+"""The public surface is exactly what __all__ lists."""
+
+from __future__ import annotations
+
+import whisperr
+
+
+def test_all_is_sorted_and_complete() -> None:
+    """Every public name of the package is in __all__, sorted, and importable."""
+    public = {name for name in dir(whisperr) if not name.startswith("_")}
+    public -= {"annotations"}
+    assert sorted(whisperr.__all__) == whisperr.__all__
+    assert public == set(whisperr.__all__) - {"__version__"}
+    for name in whisperr.__all__:
+        assert getattr(whisperr, name) is not None

@@ -1,0 +1,35 @@
+"""Type-checked (never run): every public signature used as a user would."""
+
+from __future__ import annotations
+
+import httpx
+
+import whisperr
+
+
+async def use_client() -> None:
+    settings = whisperr.Settings.from_env(api_key="wrk_x", flush_interval=0.5)
+    reports: list[whisperr.DeliveryReport] = []
+    async with whisperr.AsyncClient(settings, on_error=reports.append) as client:
+        message_id: str = client.track("u", "payment_failed", {"amount_cents": 1}, {"ip": "x"})
+        client.track("u", "a_b", occurred_at="2026-01-01T00:00:00Z", message_id=message_id)
+        client.identify("u", {"plan": "pro"}, email="a@b.c", preferred_channel="email")
+        result: whisperr.FlushResult = await client.flush(timeout=1.0)
+        stats: whisperr.Stats = client.stats()
+        print(result.delivered, stats.dropped_by_reason, stats.last_error)
+    await whisperr.AsyncClient(
+        api_key="wrk_x", transport=httpx.MockTransport(lambda r: httpx.Response(202))
+    ).aclose()
+
+
+async def hook(report: whisperr.DeliveryReport) -> None:
+    print(report.type, report.reason, report.count, report.message_ids)
+
+
+async def use_module() -> None:
+    whisperr.init("wrk_x", on_error=hook)
+    whisperr.track("u", "a_b")
+    whisperr.identify("u")
+    flushed: whisperr.FlushResult = await whisperr.flush()
+    closed: whisperr.FlushResult | None = await whisperr.shutdown()
+    print(flushed, closed)
