@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import types
+
 import whisperr
 
 
 def test_all_is_sorted_and_complete() -> None:
     """Every public name of the package is in __all__, sorted, and importable."""
-    public = {name for name in dir(whisperr) if not name.startswith("_")}
+    public = {
+        name
+        for name, value in vars(whisperr).items()
+        if not name.startswith("_") and not isinstance(value, types.ModuleType)
+    }
     public -= {"annotations"}
     assert sorted(whisperr.__all__) == whisperr.__all__
     assert public == set(whisperr.__all__) - {"__version__"}

@@ -11,10 +11,12 @@ from ._config import Settings
 from ._default import flush, get_client, identify, init, shutdown, track
 from ._errors import ClientClosedError, ConfigError, InvalidEventError, WhisperrError
 from ._models import DeliveryReport, FlushResult, Stats
+from ._sync import Client
 from ._version import __version__
 
 __all__ = [
     "AsyncClient",
+    "Client",
     "ClientClosedError",
     "ConfigError",
     "DeliveryReport",

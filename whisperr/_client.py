@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import itertools
 import logging
+import os
 import random
 import sys
+import threading
+import weakref
 from collections import Counter, deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, final
 
@@ -93,6 +97,26 @@ class AsyncClient:
         self._accepting = not s.disabled
         self._closed = False
 
+        self._reset_queue()
+        self._running = False
+        self._closing = False
+        self._wakeup: anyio.Event | None = None
+        self._runner_done: anyio.Event | None = None
+        self._runner_scope: anyio.CancelScope | None = None
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
+        self._call_soon: Callable[[Callable[[], None]], object] | None = None
+        self._lock = threading.RLock()  # guards taking from the queue front, from any thread
+        self._http: httpx.AsyncClient | None = None
+        self._timer_start: float | None = None
+        self._paused_until = 0.0
+        self._pause_level = 0
+        self._failing = False
+
+    def _reset_queue(self) -> None:
+        """Start with an empty queue and zeroed counters (at creation, and in a forked child)."""
         self._queue: deque[ev.Item] = deque()
         self._seq = itertools.count()
         self._taken = 0  # every item with a lower seq has left the queue
@@ -109,17 +133,14 @@ class AsyncClient:
         self._retried = 0
         self._last_error: DeliveryReport | None = None
 
-        self._running = False
-        self._closing = False
-        self._wakeup: anyio.Event | None = None
-        self._runner_done: anyio.Event | None = None
-        self._runner_scope: anyio.CancelScope | None = None
-        self._tg: anyio.abc.TaskGroup | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._http: httpx.AsyncClient | None = None
-        self._timer_start: float | None = None
-        self._paused_until = 0.0
-        self._pause_level = 0
+        self._pid = os.getpid()
+        _live_clients.add(self)
+
+    def _after_fork(self) -> None:
+        """In a forked child: the parent's queue stays the parent's; start clean."""
+        self._lock = threading.RLock()
+        self._forget_runner()
+        self._reset_queue()
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "running" if self._running else "idle"
@@ -272,36 +293,54 @@ class AsyncClient:
         return message_id
 
     def _refuse(self, reason: str, message_id: str) -> None:
-        self._refused_total += 1
-        self._dropped[reason] += 1
-        self._refused.append((reason, message_id))
+        with self._lock:
+            self._refused_total += 1
+            self._dropped[reason] += 1
+            self._refused.append((reason, message_id))
         self._kick()
 
     def _drop_oldest(self) -> None:
-        item = self._queue.popleft()
-        self._taken = item[0] + 1
-        self._dropped["queue_overflow"] += 1
-        self._refused.append(("queue_overflow", item[6]))
+        with self._lock:
+            if not self._queue:
+                return
+            item = self._queue.popleft()
+            self._taken = item[0] + 1
+            self._dropped["queue_overflow"] += 1
+            self._refused.append(("queue_overflow", item[6]))
 
     # -- the runner ----------------------------------------------------------------------------
 
     def _kick(self) -> None:
-        """Wake the runner (starting it inside a running event loop if needed)."""
+        """Wake the runner (starting it inside a running event loop if needed), from any thread."""
+        if self._running and threading.get_ident() != self._loop_thread:
+            self._kick_from_thread()
+            return
         if not self._running and not self._start():
             return
         self._wake_at = _NEVER
         if self._wakeup is not None:
             self._wakeup.set()
 
+    def _kick_from_thread(self) -> None:
+        call_soon = self._call_soon
+        if call_soon is None:
+            return
+        # RuntimeError: that loop is closed; the next loop to use the client restarts the runner.
+        with contextlib.suppress(RuntimeError):
+            call_soon(self._kick)
+
     def _start(self) -> bool:
         """Start the runner as a task of the current event loop; False outside of one."""
+        if self._pid != os.getpid():
+            self._after_fork()  # forked by a path that skipped os.register_at_fork hooks
         if self._closed or self._settings.disabled:
             return False
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return self._start_trio()
-        self._begin()
+        self._begin(loop.call_soon_threadsafe)
+        self._loop = loop
         self._task = loop.create_task(self._run(), name="whisperr-runner")
         return True
 
@@ -313,19 +352,31 @@ class AsyncClient:
             trio.lowlevel.current_task()
         except RuntimeError:
             return False
-        self._begin()
+        self._begin(trio.lowlevel.current_trio_token().run_sync_soon)
         trio.lowlevel.spawn_system_task(self._run, name="whisperr-runner")
         return True
 
-    def _begin(self) -> None:
+    def _begin(self, call_soon: Callable[[Callable[[], None]], object]) -> None:
         # Called inside the event loop the runner will live in; a previous loop's events are stale.
         self._running = True
         self._wakeup = None
         self._runner_done = anyio.Event()
+        self._loop_thread = threading.get_ident()
+        self._call_soon = call_soon
 
     def _ensure_running(self) -> None:
+        if self._running and self._loop is not None and self._loop.is_closed():
+            self._forget_runner()  # its loop was closed under it without cancelling it
         if not self._running and not self._start():
             raise RuntimeError("whisperr: flush() and aclose() must run inside an event loop")
+
+    def _forget_runner(self) -> None:
+        """Drop the runner state of a dead event loop or of the parent process; keep the queue."""
+        self._running = self._closing = False
+        self._loop = self._call_soon = self._tg = self._wakeup = self._http = None
+        self._runner_done = None
+        self._in_flight.clear()
+        self._wake_at = 1
 
     async def _run(self) -> None:
         done = self._runner_done
@@ -402,9 +453,10 @@ class AsyncClient:
         ]
 
     def _ready_batch(self) -> _Batch | None:
+        # While requests fail, one batch probes the server and the rest wait in the queue.
+        limit = 1 if self._failing else self._settings.max_concurrency
         if self._in_flight and (
-            len(self._in_flight) >= self._settings.max_concurrency
-            or any(b.identify for b in self._in_flight)
+            len(self._in_flight) >= limit or any(b.identify for b in self._in_flight)
         ):
             return None
         sendable = self._sendable()
@@ -450,6 +502,10 @@ class AsyncClient:
 
     def _take(self) -> _Batch | None:
         """Take the next batch off the queue: one identify alone, or a run of tracks."""
+        with self._lock:
+            return self._take_locked()
+
+    def _take_locked(self) -> _Batch | None:
         queue = self._queue
         first = queue.popleft()
         self._taken = first[0] + 1
@@ -508,8 +564,10 @@ class AsyncClient:
             outcome = await post(
                 self._http, url, s.api_key or "", body, s.request_timeout, s.clock()
             )
+            self._failing = outcome.kind in ("retry", "auth")
             if outcome.kind != "retry" or attempt >= s.max_retries:
                 return outcome
+            batch.failure = outcome.reason
             delay = outcome.retry_after
             if delay is None:
                 delay = backoff(attempt, s.backoff_base, s.backoff_cap)
@@ -756,6 +814,18 @@ class AsyncClient:
             pending=stats.queued + stats.in_flight,
             timed_out=timed_out,
         )
+
+
+_live_clients: weakref.WeakSet[AsyncClient] = weakref.WeakSet()
+
+
+def _reset_after_fork() -> None:
+    for client in list(_live_clients):
+        client._after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 async def _await_hook(result: Any) -> None:

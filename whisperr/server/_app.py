@@ -1,0 +1,533 @@
+"""The local ingestion app: a plain ASGI 3 callable that validates, stores and misbehaves."""
+
+from __future__ import annotations
+
+import functools
+import hmac
+import logging
+import re
+import threading
+import time
+import uuid
+import zlib
+from collections.abc import Awaitable, Callable, Collection, Mapping, MutableMapping
+from datetime import datetime
+from typing import Any, final
+
+import anyio
+import attrs
+import orjson
+
+from whisperr.server._faults import DropConnection, Fault, Faults
+
+Scope = MutableMapping[str, Any]  # the ASGI spelling, so httpx.ASGITransport et al. accept the app
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+Problem = tuple[str, str]  # (where, rule); where is "" for the value itself
+Check = Callable[[Any], "Problem | None"]
+Headers = tuple[tuple[bytes, bytes], ...]
+
+logger = logging.getLogger("whisperr.server")
+
+MAX_BATCH_EVENTS = 500
+_EVENT_TYPE = re.compile(r"[a-z0-9]+(?:_[a-z0-9]+)*")
+_TIMESTAMP = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}Z")
+_MAX_AHEAD_SECONDS = 5 * 60.0
+_MAX_BEHIND_SECONDS = 30 * 86400.0
+_CHANNELS = ("email", "sms", "push")
+_MAX_CHANNELS = 10
+_MAX_TRAITS_BYTES = 50 * 1024
+_MAX_INFLATED_BYTES = 64 * 1024 * 1024
+_HANG_LIMIT_SECONDS = 300.0  # a hung request gives up by itself after this long
+_ECHO_EVENT_LINES = 5  # batches up to this size get one echo line per event
+_INVALID: Any = object()  # stands for a body that is not (gzip-compressed) JSON
+_ERROR_CODES = {401: "invalid_api_key", 404: "not_found", 405: "method_not_allowed"}
+_ERROR_CODES |= {413: "payload_too_large", 429: "rate_limited", 503: "service_unavailable"}
+
+
+@final
+@attrs.frozen
+class RequestRecord:
+    """What the server saw of one request; `status` is None when it hung up instead of answering."""
+
+    method: str
+    path: str
+    status: int | None
+    events: int
+    body_bytes: int
+    fault: Fault | None
+
+
+@attrs.frozen
+class _Request:
+    method: str
+    path: str
+    headers: Mapping[str, str]
+    body: bytes
+    data: Any  # the parsed body, or _INVALID
+
+    @classmethod
+    def build(cls, scope: Scope, body: bytes) -> _Request:
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        data = _decode(body, headers.get("content-encoding", ""))
+        return cls(scope["method"], scope["path"], headers, body, data)
+
+
+@attrs.frozen
+class _Response:
+    status: int
+    payload: Any
+    headers: Headers = ()
+
+
+@attrs.frozen
+class _Route:
+    method: str
+    handler: Callable[[WhisperrApp, _Request], _Response]
+    ingest: bool = True  # faults, latency and request records apply
+    auth: bool = True
+
+
+@final
+class WhisperrApp:
+    """A local Whisperr ingestion API as a plain ASGI 3 app; build it with `create_app`.
+
+    The read-back properties are safe to use from another thread while the app serves.
+    `faults` holds the fault knobs (see `Faults`).
+    """
+
+    def __init__(
+        self, *, api_key: str | None, clock: Callable[[], float], faults: Faults, echo: bool
+    ) -> None:
+        self.faults = faults
+        self._api_key = None if api_key is None else api_key.encode()
+        self._clock, self._echo = clock, echo
+        self._lock = threading.Lock()
+        self.reset()
+
+    def __repr__(self) -> str:
+        return f"<WhisperrApp events={len(self._events)} auth={self._api_key is not None}>"
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        """The stored events, deduplicated on `context.$message_id`, in acceptance order."""
+        with self._lock:
+            return list(self._events)
+
+    @property
+    def identifies(self) -> list[dict[str, Any]]:
+        """The accepted identify bodies, in acceptance order."""
+        with self._lock:
+            return list(self._identifies)
+
+    @property
+    def requests(self) -> list[RequestRecord]:
+        """One record per request except `/_local/*`, in arrival order."""
+        with self._lock:
+            return list(self._requests)
+
+    @property
+    def lenient_count(self) -> int:
+        """How many messages the lenient `/_lenient/*` endpoint has counted."""
+        with self._lock:
+            return self._lenient_count
+
+    def stored_ids(self) -> set[str]:
+        """The `$message_id`s of the stored events."""
+        with self._lock:
+            return set(self._ids)
+
+    def reset(self) -> None:
+        """Forget the stored events, identifies, request records and lenient count (not faults)."""
+        with self._lock:
+            self._events: list[dict[str, Any]] = []
+            self._ids: set[str] = set()
+            self._identifies: list[dict[str, Any]] = []
+            self._requests: list[RequestRecord] = []
+            self._lenient_count = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve one ASGI scope: `http`, or `lifespan` for servers that send it."""
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        request = _Request.build(scope, await _read_body(receive))
+        await _send(send, await self._respond(request, receive))
+
+    async def _respond(self, request: _Request, receive: Receive) -> _Response:
+        route = _ROUTES.get(request.path)
+        if route is None and request.path.startswith("/_lenient/"):
+            route = _LENIENT
+        if route is None:
+            return self._finish(request, _error(404, f"no endpoint at {request.path}"))
+        if request.method != route.method:
+            allow = ((b"allow", route.method.encode()),)
+            return self._finish(request, _error(405, f"use {route.method}", headers=allow))
+        if not route.ingest:
+            return route.handler(self, request)
+        return await self._ingest(request, route, receive)
+
+    async def _ingest(self, request: _Request, route: _Route, receive: Receive) -> _Response:
+        fault = self.faults.next_fault()
+        if self.faults.latency > 0:
+            await anyio.sleep(self.faults.latency)
+        response = await self._apply(fault, request, receive) or self._checked(request, route)
+        if fault is not None and fault.kind == "lost_ack":
+            raise self._dropped(request, fault)
+        return self._finish(request, response, fault)
+
+    async def _apply(
+        self, fault: Fault | None, request: _Request, receive: Receive
+    ) -> _Response | None:
+        if fault is None or fault.kind == "lost_ack":
+            return None
+        if fault.kind == "status":
+            after = (
+                () if fault.retry_after is None else ((b"retry-after", fault.retry_after.encode()),)
+            )
+            return _error(fault.code, f"fault injected: {fault}", headers=after)
+        if fault.kind == "delay":
+            await anyio.sleep(fault.seconds)
+            return None
+        drop = self._dropped(request, fault)  # recorded now, so a hang shows while it lasts
+        if fault.kind == "hang":
+            await _wait_for_disconnect(receive)
+        raise drop
+
+    def _checked(self, request: _Request, route: _Route) -> _Response:
+        if self.faults.take_auth_failure():
+            return _error(401, "the API key is not valid (fault injected)")
+        if route.auth and (denied := self._auth_problem(request.headers)):
+            return denied
+        limit = self.faults.max_body_bytes
+        if limit is not None and len(request.body) > limit:
+            return _error(413, f"body of {len(request.body)} bytes exceeds {limit} bytes")
+        return route.handler(self, request)
+
+    def _auth_problem(self, headers: Mapping[str, str]) -> _Response | None:
+        if self._api_key is None:
+            return None
+        presented = headers.get("x-api-key")
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        if presented is None and scheme.lower() == "bearer":
+            presented = token.strip()
+        if not presented:
+            return _error(401, "send X-API-Key or Authorization: Bearer", code="missing_api_key")
+        if not hmac.compare_digest(presented.encode("latin-1"), self._api_key):
+            return _error(401, "the API key is not valid")
+        return None
+
+    def _batch(self, request: _Request) -> _Response:
+        problem = _shape(request.data, _BATCH_CHECKS, ("events",))
+        return _invalid(problem) if problem else self._accept(request.data["events"], "events[{}]")
+
+    def _track(self, request: _Request) -> _Response:
+        return self._accept([request.data], "")
+
+    def _accept(self, events: list[Any], where: str) -> _Response:
+        checks: dict[str, Check] = {
+            **_EVENT_CHECKS,
+            "occurred_at": functools.partial(_timestamp, now=self._clock()),
+        }
+        for index, event in enumerate(events):
+            problem = _shape(event, checks, _EVENT_REQUIRED)
+            if problem is None and self.faults.is_poison(event):
+                problem = ("", "poison event (fault injected)")
+            if problem:
+                return _invalid(_located(where.format(index), problem))
+        kept = [event for event in events if not self.faults.is_rejected(event)]
+        with self._lock:
+            for event in kept:
+                if (message_id := event["context"]["$message_id"]) not in self._ids:
+                    self._ids.add(message_id)
+                    self._events.append(event)
+        return _Response(202, {"accepted": len(kept), "rejected": len(events) - len(kept)})
+
+    def _identify(self, request: _Request) -> _Response:
+        if problem := _shape(request.data, _IDENTIFY_CHECKS, ("external_user_id",)):
+            return _invalid(problem)
+        with self._lock:
+            self._identifies.append(request.data)
+        return _Response(200, {"ok": True})
+
+    def _lenient(self, request: _Request) -> _Response:
+        if request.data is _INVALID:
+            return _invalid(("", "must be JSON (or gzip-compressed JSON)"))
+        with self._lock:
+            self._lenient_count += _count(request.path, request.data)
+        return _Response(200, {"status": 1})
+
+    def _local_events(self, request: _Request) -> _Response:
+        payload = {"events": self.events, "identifies": self.identifies}
+        return _Response(200, {**payload, "lenient_count": self.lenient_count})
+
+    def _local_reset(self, request: _Request) -> _Response:
+        self.reset()
+        return _Response(200, {"ok": True})
+
+    def _dropped(self, request: _Request, fault: Fault) -> DropConnection:
+        self._record(request, None, fault)
+        return DropConnection(str(fault))
+
+    def _finish(
+        self, request: _Request, response: _Response, fault: Fault | None = None
+    ) -> _Response:
+        self._record(request, response, fault)
+        return response
+
+    def _record(self, request: _Request, response: _Response | None, fault: Fault | None) -> None:
+        status = None if response is None else response.status
+        count = _count(request.path, request.data)
+        record = RequestRecord(
+            request.method, request.path, status, count, len(request.body), fault
+        )
+        with self._lock:
+            self._requests.append(record)
+        if self._echo:
+            for line in _echo_lines(record, request.data, response):
+                logger.info("%s", line)
+
+
+def create_app(
+    *,
+    api_key: str | None = None,
+    clock: Callable[[], float] | None = None,
+    faults: Faults | None = None,
+    echo: bool = False,
+) -> WhisperrApp:
+    """Build a local Whisperr ingestion app.
+
+    Args:
+        api_key: When set, every `/v1/*` request must present it (`X-API-Key` or Bearer).
+        clock: Seconds since the epoch, for the `occurred_at` window; defaults to `time.time`.
+        faults: The fault knobs; a fresh, inactive `Faults` by default.
+        echo: Log each request in readable form to the `whisperr.server` logger at INFO.
+
+    Returns:
+        The ASGI app; serve it with `LocalServer`, `serve`, or `httpx.ASGITransport`.
+    """
+    faults = Faults() if faults is None else faults
+    return WhisperrApp(api_key=api_key, clock=clock or time.time, faults=faults, echo=echo)
+
+
+_ROUTES = {
+    "/v1/events/batch": _Route("POST", WhisperrApp._batch),
+    "/v1/events/track": _Route("POST", WhisperrApp._track),
+    "/v1/identify": _Route("POST", WhisperrApp._identify),
+    "/_local/events": _Route("GET", WhisperrApp._local_events, ingest=False, auth=False),
+    "/_local/reset": _Route("POST", WhisperrApp._local_reset, ingest=False, auth=False),
+}
+_LENIENT = _Route("POST", WhisperrApp._lenient, auth=False)
+
+
+def _listed_events(path: str, data: Any) -> list[Any]:
+    if path == "/v1/events/track":
+        return [] if data is _INVALID else [data]
+    events = data.get("events") if path == "/v1/events/batch" and isinstance(data, dict) else None
+    return events if isinstance(events, list) else []
+
+
+def _count(path: str, data: Any) -> int:
+    """The number of messages a body carries, as recorded (and counted by `/_lenient/*`)."""
+    if not path.startswith("/_lenient/") or data is _INVALID:
+        return len(_listed_events(path, data))
+    if isinstance(data, dict):
+        data = data.get("batch", data.get("events", data))
+    return len(data) if isinstance(data, list) else 1
+
+
+def _decode(body: bytes, encoding: str) -> Any:
+    try:
+        if encoding.strip().lower() == "gzip":
+            inflater = zlib.decompressobj(wbits=31)
+            body = inflater.decompress(body, _MAX_INFLATED_BYTES)
+            if inflater.unconsumed_tail:
+                return _INVALID
+        return orjson.loads(body)
+    except (orjson.JSONDecodeError, zlib.error):
+        return _INVALID
+
+
+def _error(status: int, message: str, *, code: str = "", headers: Headers = ()) -> _Response:
+    code = code or _ERROR_CODES.get(status, "server_error" if status >= 500 else "request_failed")
+    body = {"error": {"code": code, "message": message, "request_id": str(uuid.uuid4())}}
+    return _Response(status, body, headers)
+
+
+def _invalid(problem: Problem | None) -> _Response:
+    where, rule = problem or ("", "invalid")
+    return _error(400, f"{where or 'body'}: {rule}", code="invalid_request")
+
+
+async def _read_body(receive: Receive) -> bytes:
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise DropConnection("the client went away mid-request")
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def _send(send: Send, response: _Response) -> None:
+    body = orjson.dumps(response.payload)
+    length = str(len(body)).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", length)]
+    start = {"type": "http.response.start", "status": response.status}
+    await send({**start, "headers": [*headers, *response.headers]})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _wait_for_disconnect(receive: Receive) -> None:
+    with anyio.move_on_after(_HANG_LIMIT_SECONDS):
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while (await receive())["type"] != "lifespan.shutdown":
+        await send({"type": "lifespan.startup.complete"})
+    await send({"type": "lifespan.shutdown.complete"})
+
+
+def _echo_lines(record: RequestRecord, data: Any, response: _Response | None) -> list[str]:
+    events = _listed_events(record.path, data)
+    head = f"{record.status or '---'} {record.method} {record.path}"
+    if events:
+        more = ", ..." if len(events) > 2 else ""
+        plural = "s" if len(events) != 1 else ""
+        head += f"  {len(events)} event{plural}  ({', '.join(map(_describe, events[:2]))}{more})"
+    elif record.path == "/v1/identify" and isinstance(data, dict):
+        head += f"  {data.get('external_user_id')}  traits={_short(data.get('traits', {}))}"
+    if record.fault is not None:
+        head += f"  [fault: {record.fault}]"
+    if response is not None and response.status >= 400 and record.fault is None:
+        head += f"  {response.payload['error']['message']}"
+    small = events if len(events) <= _ECHO_EVENT_LINES else []
+    return [head, *(f"    {_describe(e)}  {_short(e)}" for e in small if isinstance(e, dict))]
+
+
+def _describe(event: Any) -> str:
+    if not isinstance(event, dict):
+        return "?"
+    return f"{event.get('external_user_id')} {event.get('event_type')}"
+
+
+def _short(value: Any, limit: int = 100) -> str:
+    if isinstance(value, dict) and "event_type" in value:
+        value = [value.get("occurred_at"), value.get("properties")]
+    text = orjson.dumps(value, default=repr).decode()
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# Validation (WIRE.md sections 2 and 3). A check returns None or a Problem (where, rule).
+
+
+def _located(where: str, problem: Problem | None) -> Problem | None:
+    """Prefix a problem's location: `channels` + `[0].channel`, `context` + `$message_id`."""
+    if problem is None:
+        return None
+    inner, rule = problem
+    sep = "." if where and inner and not inner.startswith("[") else ""
+    return (where + sep + inner, rule)
+
+
+def _shape(value: Any, checks: Mapping[str, Check], required: Collection[str]) -> Problem | None:
+    if value is _INVALID:
+        return ("", "must be valid JSON")
+    if not isinstance(value, dict):
+        return ("", "must be a JSON object")
+    if unknown := [key for key in value if key not in checks]:
+        return (unknown[0], "unknown field")
+    if missing := [key for key in required if key not in value]:
+        return (missing[0], "required field missing")
+    for key, item in value.items():
+        if problem := checks[key](item):
+            return _located(key, problem)
+    return None
+
+
+def _rule(ok: bool, rule: str) -> Problem | None:
+    return None if ok else ("", rule)
+
+
+def _text(value: Any) -> Problem | None:
+    return _rule(isinstance(value, str) and value != "", "must be a non-empty string")
+
+
+def _object(value: Any) -> Problem | None:
+    return _rule(isinstance(value, dict), "must be a JSON object")
+
+
+def _flag(value: Any) -> Problem | None:
+    return _rule(isinstance(value, bool), "must be true or false")
+
+
+def _channel_name(value: Any) -> Problem | None:
+    return _rule(value in _CHANNELS, "must be one of email, sms, push")
+
+
+def _event_type(value: Any) -> Problem | None:
+    ok = isinstance(value, str) and _EVENT_TYPE.fullmatch(value) is not None
+    return _rule(ok, "must be lowercase snake_case (^[a-z0-9]+(?:_[a-z0-9]+)*$)")
+
+
+def _timestamp(value: Any, now: float) -> Problem | None:
+    if not isinstance(value, str) or not _TIMESTAMP.fullmatch(value):
+        return ("", "must be RFC3339 UTC with exactly 3 fractional digits and a Z suffix")
+    try:
+        stamp = datetime.fromisoformat(value[:-1] + "+00:00").timestamp()
+    except ValueError:
+        return ("", "is not a valid date and time")
+    if stamp > now + _MAX_AHEAD_SECONDS:
+        return ("", "is more than 5 minutes ahead of the server clock")
+    return _rule(stamp >= now - _MAX_BEHIND_SECONDS, "is more than 30 days in the past")
+
+
+def _context(value: Any) -> Problem | None:
+    if not isinstance(value, dict):
+        return ("", "must be a JSON object")
+    return _located("$message_id", _text(value.get("$message_id")))
+
+
+def _traits(value: Any) -> Problem | None:
+    if not isinstance(value, dict):
+        return ("", "must be a JSON object")
+    return _rule(len(orjson.dumps(value)) <= _MAX_TRAITS_BYTES, "must be at most 50 KB as JSON")
+
+
+def _channels(value: Any) -> Problem | None:
+    if not isinstance(value, list) or len(value) > _MAX_CHANNELS:
+        return ("", f"must be a list of at most {_MAX_CHANNELS} channels")
+    for index, item in enumerate(value):
+        if problem := _shape(item, _CHANNEL_CHECKS, _CHANNEL_REQUIRED):
+            return _located(f"[{index}]", problem)
+    return None
+
+
+def _events(value: Any) -> Problem | None:
+    ok = isinstance(value, list) and 1 <= len(value) <= MAX_BATCH_EVENTS
+    return _rule(ok, f"must be a list of 1 to {MAX_BATCH_EVENTS} events")
+
+
+_CHANNEL_CHECKS: dict[str, Check] = {
+    "channel": _channel_name,
+    "address": _text,
+    "opted_in": _flag,
+    "verified": _flag,
+}
+_CHANNEL_REQUIRED = ("channel", "address", "opted_in")
+_USER_CHECKS: dict[str, Check] = {"channels": _channels, "preferred_channel": _channel_name}
+_IDENTIFY_CHECKS: dict[str, Check] = {"external_user_id": _text, "traits": _traits, **_USER_CHECKS}
+_BATCH_CHECKS: dict[str, Check] = {"events": _events}
+_EVENT_REQUIRED = ("external_user_id", "event_type", "occurred_at", "properties", "context")
+_EVENT_CHECKS: dict[str, Check] = {
+    "external_user_id": _text,
+    "event_type": _event_type,
+    "occurred_at": _text,  # replaced per request by a check against the server clock
+    "properties": _object,
+    "context": _context,
+    "user": functools.partial(_shape, checks=_USER_CHECKS, required=()),
+}
