@@ -54,9 +54,9 @@ def check_event_type(value: object) -> str:
 
 def encode_object(field: str, value: object) -> bytes:
     """Encode a mapping to JSON now, so later mutation by the caller cannot change it."""
-    if not isinstance(value, Mapping):
-        raise InvalidEventError(field, f"must be a mapping (dict), got {type(value).__name__}")
     if type(value) is not dict:
+        if not isinstance(value, Mapping):
+            raise InvalidEventError(field, f"must be a mapping (dict), got {type(value).__name__}")
         value = dict(value)
     try:
         return orjson.dumps(value)
@@ -96,10 +96,27 @@ def check_message_id(value: object, field: str = "message_id") -> str:
     return value
 
 
+# Message ids are made 256 at a time from one read of the OS's random source: unlike the
+# random module they cannot repeat after random.seed(); the buffer is emptied in a forked child.
+_ids: list[str] = []
+
+
 def new_message_id() -> str:
-    """A random (version 4) UUID string, from the OS's random source (fork-safe, seed-proof)."""
-    h = os.urandom(16).hex()
-    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
+    """A random (version 4) UUID string."""
+    try:
+        return _ids.pop()
+    except IndexError:
+        h = os.urandom(16 * 256).hex()
+        _ids.extend(
+            f"{h[i : i + 8]}-{h[i + 8 : i + 12]}-4{h[i + 13 : i + 16]}-"
+            f"{_VARIANT[h[i + 16]]}{h[i + 17 : i + 20]}-{h[i + 20 : i + 32]}"
+            for i in range(0, len(h), 32)
+        )
+        return _ids.pop()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_ids.clear)
 
 
 def parse_occurred_at(value: object, now: float) -> float:
@@ -139,30 +156,57 @@ def _parse_rfc3339(value: str) -> datetime:
         raise InvalidEventError("occurred_at", f"is not a real date and time: {value!r}") from None
 
 
-@lru_cache(maxsize=256)
+@lru_cache(maxsize=64)
 def _second(seconds: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
 
 
+def _milliseconds(stamp: float) -> int:
+    # Rounding to the microsecond first keeps an exact .123 from truncating to .122.
+    return round(stamp * 1_000_000) // 1000
+
+
 def format_timestamp(stamp: float) -> str:
     """RFC 3339 in UTC with milliseconds (truncated, not rounded) and ``Z``."""
-    seconds, micros = divmod(round(stamp * 1_000_000), 1_000_000)
-    return f"{_second(seconds)}.{micros // 1000:03d}Z"
+    seconds, millis = divmod(_milliseconds(stamp), 1000)
+    return f"{_second(seconds)}.{millis:03d}Z"
+
+
+# Events tracked in a burst share their millisecond: encode each millisecond once.
+_stamps: dict[int, bytes] = {}
+
+
+def _stamp_bytes(stamp: float) -> bytes:
+    millis = _milliseconds(stamp)
+    try:
+        return _stamps[millis]
+    except KeyError:
+        if len(_stamps) > 4096:
+            _stamps.clear()
+        seconds, rest = divmod(millis, 1000)
+        encoded = _stamps[millis] = f"{_second(seconds)}.{rest:03d}Z".encode()
+        return encoded
 
 
 def encode_event(item: Item, base: bytes) -> bytes:
-    """The wire form of one queued track event."""
+    """The wire form of one queued track event, assembled from the pieces encoded at capture."""
     _, user_id, event_type, stamp, properties, context, message_id = item
     context = base if context is None else context
-    tail = b"}" if context == b"{}" else b"," + context[1:]
-    return orjson.dumps(
-        {
-            "external_user_id": user_id,
-            "event_type": event_type,
-            "occurred_at": format_timestamp(stamp),
-            "properties": orjson.Fragment(properties),
-            "context": orjson.Fragment(b'{"$message_id":' + orjson.dumps(message_id) + tail),
-        }
+    return b"".join(
+        (
+            b'{"external_user_id":',
+            orjson.dumps(user_id),
+            b',"event_type":"',
+            event_type.encode(),  # type: ignore[union-attr]  # validated: [a-z0-9_]+
+            b'","occurred_at":"',
+            _stamp_bytes(stamp),
+            b'","properties":',
+            properties,
+            b',"context":{"$message_id":',
+            orjson.dumps(message_id),
+            b"}" if context == b"{}" else b"," + context[1:],
+            b"}",
+        )
     )
 
 
