@@ -11,7 +11,7 @@ from ._config import Settings
 from ._default import flush, get_client, identify, init, shutdown, track
 from ._errors import ClientClosedError, ConfigError, InvalidEventError, WhisperrError
 from ._models import DeliveryReport, FlushResult, Stats
-from ._sync import Client
+from ._sync import Client, flush_after
 from ._version import __version__
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "WhisperrError",
     "__version__",
     "flush",
+    "flush_after",
     "get_client",
     "identify",
     "init",

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import functools
+import inspect
 import logging
 import os
 import threading
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from types import TracebackType
-from typing import Any, TypeVar, final
+from typing import Any, ParamSpec, TypeVar, final
 
 from ._client import AsyncClient
 from ._config import Settings
@@ -18,6 +20,8 @@ from ._errors import ClientClosedError
 from ._models import FlushResult, Stats
 
 T = TypeVar("T")
+R = TypeVar("R")
+P = ParamSpec("P")
 logger = logging.getLogger("whisperr")
 # Slack on top of a caller's timeout for the hop to the loop thread and back.
 _MARGIN = 1.0
@@ -177,3 +181,51 @@ class Client:
 
 async def _call_async(function: Callable[[], T]) -> T:
     return function()
+
+
+def flush_after(
+    client: Client | AsyncClient, *, timeout: float = 2.0
+) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Decorate a unit of work (a serverless handler, a job) to deliver what it tracked.
+
+    When the decorated function returns or raises, the client is flushed for at most
+    ``timeout`` seconds, so events are not left in memory of a process that may be frozen or
+    killed right after. Plain functions take a :class:`Client`; ``async def`` functions an
+    :class:`AsyncClient`. What is still pending after the budget stays queued and is counted
+    in ``stats()``.
+
+    Raises:
+        TypeError: the client does not match the kind of function.
+    """
+
+    def decorate(function: Callable[P, R]) -> Callable[P, R]:
+        if inspect.iscoroutinefunction(function):
+            if not isinstance(client, AsyncClient):
+                raise TypeError("an async function needs an AsyncClient in flush_after()")
+            return _flush_after_async(function, client, timeout)  # type: ignore[return-value]
+        if not isinstance(client, Client):
+            raise TypeError("a plain function needs a whisperr.Client in flush_after()")
+
+        @functools.wraps(function)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            try:
+                return function(*args, **kwargs)
+            finally:
+                client.flush(timeout)
+
+        return wrapper
+
+    return decorate
+
+
+def _flush_after_async(
+    function: Callable[P, Awaitable[T]], client: AsyncClient, timeout: float
+) -> Callable[P, Awaitable[T]]:
+    @functools.wraps(function)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await function(*args, **kwargs)
+        finally:
+            await client.flush(timeout)
+
+    return wrapper
