@@ -598,3 +598,34 @@ async def test_trio_backend(settings: dict[str, Any], api: Api, sleeps: Sleeps) 
     assert ids(api) == mids + mids
     assert len(sleeps.delays) == 1
     assert api.requests[-1].url.path == "/v1/identify"
+
+
+def test_events_tracked_outside_any_loop_are_delivered_by_aclose(
+    settings: dict[str, Any], api: Api
+) -> None:
+    """Events tracked before any event loop runs are delivered when aclose() runs in one."""
+    client = whisperr.AsyncClient(**settings)
+    mid = client.track("u", "a_b")
+    asyncio.run(client.aclose())
+    assert ids(api) == [mid]
+
+
+async def test_aclose_again_after_a_cancelled_aclose_finishes_the_job(
+    settings: dict[str, Any], api: Api
+) -> None:
+    """If the caller of aclose() is cancelled, a second aclose() still delivers and accounts."""
+    gate = anyio.Event()
+
+    async def slow(request: httpx.Request) -> httpx.Response:
+        await gate.wait()
+        return httpx.Response(202, json={})
+
+    settings["transport"] = httpx.MockTransport(slow)
+    client = whisperr.AsyncClient(**settings)
+    client.track("u", "a_b")
+    with anyio.move_on_after(0.01):
+        await client.aclose()
+    gate.set()
+    result = await client.aclose(timeout=5)
+    stats = client.stats()
+    assert (stats.tracked, stats.delivered, stats.dropped, result.pending) == (1, 1, 0, 0)

@@ -333,7 +333,7 @@ class AsyncClient:
         """Start the runner as a task of the current event loop; False outside of one."""
         if self._pid != os.getpid():
             self._after_fork()  # forked by a path that skipped os.register_at_fork hooks
-        if self._closed or self._settings.disabled:
+        if self._settings.disabled:
             return False
         try:
             loop = asyncio.get_running_loop()
@@ -742,16 +742,15 @@ class AsyncClient:
         Closes the connection pool unless it was passed in as ``http_client``.
         """
         before = (self._delivered, self.stats().dropped)
-        if self._closed:
-            return self._result(before, timed_out=False)
-        self._accepting = False
-        self._closed = self._closing = True
-        self._round += 1
-        if self._queue or self._retained or self._refused:
-            self._ensure_running()
+        if not self._closed:
+            self._accepting = False
+            self._closed = self._closing = True
+            self._round += 1
+            if self._queue or self._retained or self._refused:
+                self._ensure_running()
         done = self._runner_done
         timed_out = False
-        if self._running and done is not None:
+        if self._running and done is not None:  # also when an earlier aclose() was cancelled
             self._notify()
             with anyio.move_on_after(
                 self._settings.shutdown_timeout if timeout is None else timeout
