@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-import itertools
 import logging
 import os
 import random
@@ -43,16 +42,13 @@ class _Batch:
     items: list[ev.Item]
     bodies: list[bytes]
     identify: bool
+    first: int  # the queue position its first event was taken from (counted since creation)
     retained_round: int = -1
     failure: str = "shutdown"
 
     @property
-    def first_seq(self) -> int:
-        return self.items[0][0]
-
-    @property
     def message_ids(self) -> tuple[str, ...]:
-        return tuple(item[6] for item in self.items if item[6])
+        return tuple(item[5] for item in self.items if item[5])
 
 
 @attrs.define(eq=False)
@@ -118,8 +114,7 @@ class AsyncClient:
     def _reset_queue(self) -> None:
         """Start with an empty queue and zeroed counters (at creation, and in a forked child)."""
         self._queue: deque[ev.Item] = deque()
-        self._seq = itertools.count()
-        self._taken = 0  # every item with a lower seq has left the queue
+        self._taken = 0  # how many items have ever left the queue (taken or overflowed)
         self._wake_at = 1  # the queue length at which track() wakes the runner
         self._retained: list[_Batch] = []
         self._in_flight: set[_Batch] = set()
@@ -205,7 +200,7 @@ class AsyncClient:
                 return mid
             self._drop_oldest()
         queue.append(
-            (next(self._seq), external_user_id, event_type, stamp, props, encoded_context, mid)
+            (external_user_id, event_type, stamp, props, encoded_context, mid)
         )
         if len(queue) >= self._wake_at:
             self._kick()
@@ -251,7 +246,7 @@ class AsyncClient:
                 self._refuse("queue_overflow", "")
                 return
             self._drop_oldest()
-        self._queue.append((next(self._seq), external_user_id, None, self._clock(), body, None, ""))
+        self._queue.append((external_user_id, None, self._clock(), body, None, ""))
         if len(self._queue) >= self._wake_at:
             self._kick()
 
@@ -304,9 +299,9 @@ class AsyncClient:
             if not self._queue:
                 return
             item = self._queue.popleft()
-            self._taken = item[0] + 1
+            self._taken += 1
             self._dropped["queue_overflow"] += 1
-            self._refused.append(("queue_overflow", item[6]))
+            self._refused.append(("queue_overflow", item[5]))
 
     # -- the runner ----------------------------------------------------------------------------
 
@@ -468,7 +463,7 @@ class AsyncClient:
             return batch
         if self._retained or not self._queue:
             return None  # retained batches go first, after their pause
-        if self._queue[0][2] is None and self._in_flight:
+        if self._queue[0][1] is None and self._in_flight:
             return None
         if self._urgent() or len(self._queue) >= self._settings.max_batch_size or self._due():
             return self._take()
@@ -507,10 +502,11 @@ class AsyncClient:
 
     def _take_locked(self) -> _Batch | None:
         queue = self._queue
+        position = self._taken
         first = queue.popleft()
-        self._taken = first[0] + 1
-        if first[2] is None:
-            return _Batch([first], [first[4]], identify=True)
+        self._taken += 1
+        if first[1] is None:
+            return _Batch([first], [first[3]], identify=True, first=position)
         s = self._settings
         oldest = s.clock() - ev.MAX_PAST + 60.0
         items: list[ev.Item] = []
@@ -518,7 +514,7 @@ class AsyncClient:
         size = 16
         item: ev.Item | None = first
         while item is not None:
-            if item[3] < oldest:
+            if item[2] < oldest:
                 self._drop_items([item], "expired", "older than the server's 30-day window")
             else:
                 body = ev.encode_event(item, self._base_context_bytes)
@@ -526,19 +522,19 @@ class AsyncClient:
                     self._drop_items([item], "payload_too_large", "larger than max_batch_bytes")
                 elif size + len(body) + 1 > s.max_batch_bytes:
                     queue.appendleft(item)
-                    self._taken = item[0]
+                    self._taken -= 1
                     break
                 else:
                     items.append(item)
                     bodies.append(body)
                     size += len(body) + 1
-            if len(items) >= s.max_batch_size or not queue or queue[0][2] is None:
+            if len(items) >= s.max_batch_size or not queue or queue[0][1] is None:
                 break
             item = queue.popleft()
-            self._taken = item[0] + 1
+            self._taken += 1
         if not queue:
             self._timer_start = None
-        return _Batch(items, bodies, identify=False) if items else None
+        return _Batch(items, bodies, identify=False, first=position) if items else None
 
     # -- delivery --------------------------------------------------------------------------
 
@@ -592,8 +588,10 @@ class AsyncClient:
                 )
         elif outcome.kind == "too_large" and count > 1:
             half = count // 2
-            for part in (slice(half, None), slice(None, half)):
-                self._retained.insert(0, _Batch(batch.items[part], batch.bodies[part], False))
+            for part, first in ((slice(half, None), batch.first + half), (slice(half), batch.first)):
+                self._retained.insert(
+                    0, _Batch(batch.items[part], batch.bodies[part], identify=False, first=first)
+                )
         elif outcome.kind in ("drop", "too_large"):
             self._drop_items(batch.items, outcome.reason, outcome.message, outcome.status)
         else:
@@ -613,7 +611,7 @@ class AsyncClient:
     def _retain(self, batch: _Batch) -> None:
         batch.retained_round = self._round
         self._retained.append(batch)
-        self._retained.sort(key=lambda b: b.first_seq)
+        self._retained.sort(key=lambda b: b.first)
 
     def _pause(self) -> None:
         s = self._settings
@@ -627,7 +625,7 @@ class AsyncClient:
     def _drop_items(
         self, items: Sequence[ev.Item], reason: str, message: str, status: int | None = None
     ) -> None:
-        ids = tuple(item[6] for item in items if item[6])
+        ids = tuple(item[5] for item in items if item[5])
         self._report(
             "dropped", reason, f"{len(items)} events dropped: {message}", status, len(items), ids
         )
@@ -689,7 +687,7 @@ class AsyncClient:
         self._retained.clear()
         if self._queue:
             leftovers.setdefault("shutdown", []).extend(self._queue)
-            self._taken = self._queue[-1][0] + 1
+            self._taken += len(self._queue)
             self._queue.clear()
         for reason, items in leftovers.items():
             self._drop_items(items, reason, "not delivered before the client closed")
@@ -703,10 +701,10 @@ class AsyncClient:
     def _settled(self, waiter: _Waiter) -> bool:
         if self._taken < waiter.target:
             return False
-        if any(b.first_seq < waiter.target for b in self._in_flight):
+        if any(b.first < waiter.target for b in self._in_flight):
             return False
         return not any(
-            b.first_seq < waiter.target and b.retained_round < waiter.round for b in self._retained
+            b.first < waiter.target and b.retained_round < waiter.round for b in self._retained
         )
 
     # -- waiting: flush and close -------------------------------------------------------------
@@ -790,7 +788,7 @@ class AsyncClient:
         queued = list(self._queue)
         base = len(self._base_context_bytes)
         queued_bytes = sum(
-            len(i[4]) + (base if i[5] is None else len(i[5])) + 128 for i in queued
+            len(i[3]) + (base if i[4] is None else len(i[4])) + 128 for i in queued
         ) + sum(len(body) for batch in self._retained for body in batch.bodies)
         dropped = dict(self._dropped)
         return Stats(
