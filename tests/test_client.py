@@ -629,3 +629,18 @@ async def test_aclose_again_after_a_cancelled_aclose_finishes_the_job(
     result = await client.aclose(timeout=5)
     stats = client.stats()
     assert (stats.tracked, stats.delivered, stats.dropped, result.pending) == (1, 1, 0, 0)
+
+
+async def test_flush_during_an_auth_pause_attempts_new_events_too(
+    settings: dict[str, Any], api: Api
+) -> None:
+    """While a kept batch is paused, flush() still gives newer events their attempt at once."""
+    api.script = [httpx.Response(401), httpx.Response(401), httpx.Response(401)]
+    async with whisperr.AsyncClient(**settings, backoff_base=10.0) as client:  # pause >= 10 s
+        client.track("u", "a_b")
+        await client.flush()
+        client.track("u", "a_b")
+        with anyio.fail_after(5):
+            result = await client.flush()
+        assert (result.pending, result.timed_out) == (2, False)
+        assert len(api.requests) == 3

@@ -199,9 +199,7 @@ class AsyncClient:
                 self._refuse("queue_overflow", mid)
                 return mid
             self._drop_oldest()
-        queue.append(
-            (external_user_id, event_type, stamp, props, encoded_context, mid)
-        )
+        queue.append((external_user_id, event_type, stamp, props, encoded_context, mid))
         if len(queue) >= self._wake_at:
             self._kick()
         return mid
@@ -461,11 +459,16 @@ class AsyncClient:
                 return None  # identify is a barrier: everything before it settles first
             self._retained.remove(batch)
             return batch
-        if self._retained or not self._queue:
-            return None  # retained batches go first, after their pause
+        if not self._queue:
+            return None
+        urgent = self._urgent()
+        # Kept batches go first, after their pause; a flush or close still gives the queue its
+        # attempt, unless a kept identify must stay ahead of the tracks queued after it.
+        if self._retained and (not urgent or any(b.identify for b in self._retained)):
+            return None
         if self._queue[0][1] is None and self._in_flight:
             return None
-        if self._urgent() or len(self._queue) >= self._settings.max_batch_size or self._due():
+        if urgent or len(self._queue) >= self._settings.max_batch_size or self._due():
             return self._take()
         return None
 
@@ -588,7 +591,10 @@ class AsyncClient:
                 )
         elif outcome.kind == "too_large" and count > 1:
             half = count // 2
-            for part, first in ((slice(half, None), batch.first + half), (slice(half), batch.first)):
+            for part, first in (
+                (slice(half, None), batch.first + half),
+                (slice(half), batch.first),
+            ):
                 self._retained.insert(
                     0, _Batch(batch.items[part], batch.bodies[part], identify=False, first=first)
                 )
