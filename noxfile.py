@@ -52,3 +52,10 @@ def typecheck(session: nox.Session) -> None:
     """mypy --strict over the package and the typing tests."""
     session.install("-e", ".", *nox.project.dependency_groups(PYPROJECT, "typecheck"))
     session.run("mypy")
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """A FastAPI service against the bundled local server; prints what was delivered."""
+    session.install("-e", ".", *nox.project.dependency_groups(PYPROJECT, "demo"))
+    session.run("python", "examples/demo.py", *session.posargs)

@@ -238,3 +238,17 @@ def test_forked_child_starts_clean(server: LocalServer) -> None:
     types = [e["event_type"] for e in server.app.events]
     assert (types.count("in_parent"), types.count("in_child")) == (100, 50)
     assert len(set(stored_ids(server))) == 150
+
+
+@pytest.mark.anyio
+async def test_first_track_from_a_thread_starts_delivery(api: Api) -> None:
+    """A client made in a loop delivers a track() from a worker thread before any loop use."""
+    whisperr.init(api_key=API_KEY, transport=api.transport(), flush_interval=0.01)
+    try:
+        await anyio.to_thread.run_sync(whisperr.track, "u", "from_sync_route")
+        with anyio.fail_after(10):
+            while not api.events:
+                await anyio.lowlevel.checkpoint()
+    finally:
+        await whisperr.shutdown()
+    assert [e["event_type"] for e in api.events] == ["from_sync_route"]

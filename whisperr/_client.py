@@ -102,8 +102,10 @@ class AsyncClient:
         self._tg: anyio.abc.TaskGroup | None = None
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._loop_thread: int | None = None
-        self._call_soon: Callable[[Callable[[], None]], object] | None = None
+        # Created inside an event loop: remember it, so a track() from another thread (before
+        # anything ran on the loop) can start the runner there.
+        self._call_soon: Callable[[Callable[[], None]], object] | None = _scheduler_here()
+        self._loop_thread: int | None = threading.get_ident()
         self._lock = threading.RLock()  # guards taking from the queue front, from any thread
         self._http: httpx.AsyncClient | None = None
         self._timer_start: float | None = None
@@ -305,8 +307,8 @@ class AsyncClient:
 
     def _kick(self) -> None:
         """Wake the runner (starting it inside a running event loop if needed), from any thread."""
-        if self._running and threading.get_ident() != self._loop_thread:
-            self._kick_from_thread()
+        if self._call_soon is not None and threading.get_ident() != self._loop_thread:
+            self._kick_from_thread()  # e.g. FastAPI's sync routes: wake (or start) it in its loop
             return
         if not self._running and not self._start():
             return
@@ -326,27 +328,16 @@ class AsyncClient:
         """Start the runner as a task of the current event loop; False outside of one."""
         if self._pid != os.getpid():
             self._after_fork()  # forked by a path that skipped os.register_at_fork hooks
-        if self._settings.disabled:
+        call_soon = _scheduler_here()
+        if self._settings.disabled or call_soon is None:
             return False
+        self._begin(call_soon)
         try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return self._start_trio()
-        self._begin(loop.call_soon_threadsafe)
-        self._loop = loop
-        self._task = loop.create_task(self._run(), name="whisperr-runner")
-        return True
-
-    def _start_trio(self) -> bool:
-        trio = sys.modules.get("trio")
-        if trio is None:
-            return False
-        try:
-            trio.lowlevel.current_task()
-        except RuntimeError:
-            return False
-        self._begin(trio.lowlevel.current_trio_token().run_sync_soon)
-        trio.lowlevel.spawn_system_task(self._run, name="whisperr-runner")
+            self._loop = asyncio.get_running_loop()
+        except RuntimeError:  # trio, as _scheduler_here() found
+            sys.modules["trio"].lowlevel.spawn_system_task(self._run, name="whisperr-runner")
+        else:
+            self._task = self._loop.create_task(self._run(), name="whisperr-runner")
         return True
 
     def _begin(self, call_soon: Callable[[Callable[[], None]], object]) -> None:
@@ -817,6 +808,22 @@ class AsyncClient:
             pending=stats.queued + stats.in_flight,
             timed_out=timed_out,
         )
+
+
+def _scheduler_here() -> Callable[[Callable[[], None]], object] | None:
+    """The thread-safe call_soon of the event loop running in this thread; None outside one."""
+    try:
+        return asyncio.get_running_loop().call_soon_threadsafe
+    except RuntimeError:
+        pass
+    trio = sys.modules.get("trio")
+    if trio is None:
+        return None
+    try:
+        token = trio.lowlevel.current_trio_token()
+    except RuntimeError:
+        return None
+    return token.run_sync_soon  # type: ignore[no-any-return]
 
 
 _live_clients: weakref.WeakSet[AsyncClient] = weakref.WeakSet()
