@@ -111,7 +111,7 @@ class AsyncClient:
         self._timer_start: float | None = None
         self._paused_until = 0.0
         self._pause_level = 0
-        self._failing = False
+        self._failures = 0  # consecutive failed attempts, across batches
 
     def _reset_queue(self) -> None:
         """Start with an empty queue and zeroed counters (at creation, and in a forked child)."""
@@ -423,7 +423,8 @@ class AsyncClient:
             batch = self._ready_batch()
             if batch is not None:
                 return batch
-            if self._closing and not self._queue and not self._in_flight and not self._sendable():
+            queue_done = not self._queue or self._held_by_identify(self._round)
+            if self._closing and queue_done and not self._in_flight and not self._sendable():
                 return None
             await self._wait(self._next_deadline())
 
@@ -437,8 +438,9 @@ class AsyncClient:
         ]
 
     def _ready_batch(self) -> _Batch | None:
-        # While requests fail, one batch probes the server and the rest wait in the queue.
-        limit = 1 if self._failing else self._settings.max_concurrency
+        # Once attempts keep failing (not one isolated failure), one batch probes the server and
+        # the rest wait in the queue: the client backs off as a whole.
+        limit = 1 if self._failures >= 2 else self._settings.max_concurrency
         if self._in_flight and (
             len(self._in_flight) >= limit or any(b.identify for b in self._in_flight)
         ):
@@ -554,7 +556,7 @@ class AsyncClient:
             outcome = await post(
                 self._http, url, s.api_key or "", body, s.request_timeout, s.clock()
             )
-            self._failing = outcome.kind in ("retry", "auth")
+            self._failures = self._failures + 1 if outcome.kind in ("retry", "auth") else 0
             if outcome.kind != "retry" or attempt >= s.max_retries:
                 return outcome
             batch.failure = outcome.reason
@@ -695,8 +697,12 @@ class AsyncClient:
                 self._waiters.remove(waiter)
                 waiter.done.set()
 
+    def _held_by_identify(self, round: int) -> bool:
+        """Whether a kept identify, tried again since ``round`` began, holds the queue back."""
+        return any(b.identify and b.retained_round >= round for b in self._retained)
+
     def _settled(self, waiter: _Waiter) -> bool:
-        if self._taken < waiter.target:
+        if self._taken < waiter.target and not self._held_by_identify(waiter.round):
             return False
         if any(b.first < waiter.target for b in self._in_flight):
             return False
