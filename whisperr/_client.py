@@ -729,10 +729,12 @@ class AsyncClient:
         waiter = _Waiter(self._taken + len(self._queue), self._round)
         self._waiters.append(waiter)
         self._notify()
-        with anyio.move_on_after(timeout) as scope:
-            await waiter.done.wait()
-        if waiter in self._waiters:
-            self._waiters.remove(waiter)
+        try:
+            with anyio.move_on_after(timeout) as scope:
+                await waiter.done.wait()
+        finally:  # also when the caller is cancelled
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
         return self._result(before, timed_out=scope.cancelled_caught)
 
     async def aclose(self, timeout: float | None = None) -> FlushResult:
