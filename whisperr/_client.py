@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 import os
 import random
 import sys
 import threading
 import weakref
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, final
@@ -23,7 +22,8 @@ import httpx
 from . import _events as ev
 from ._config import Settings
 from ._errors import ClientClosedError, InvalidEventError
-from ._models import DeliveryReport, FlushResult, ReportType, Stats
+from ._ledger import Ledger
+from ._models import FlushResult, ReportType, Stats
 from ._transport import SDK_NAME, Outcome, backoff, post
 from ._version import __version__
 
@@ -99,7 +99,6 @@ class AsyncClient:
         self._wakeup: anyio.Event | None = None
         self._runner_done: anyio.Event | None = None
         self._runner_scope: anyio.CancelScope | None = None
-        self._tg: anyio.abc.TaskGroup | None = None
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         # Created inside an event loop: remember it, so a track() from another thread (before
@@ -122,13 +121,7 @@ class AsyncClient:
         self._in_flight: set[_Batch] = set()
         self._round = 0
         self._waiters: list[_Waiter] = []
-        self._refused: list[tuple[str, str]] = []
-        self._refused_total = 0
-
-        self._delivered = 0
-        self._dropped: Counter[str] = Counter()
-        self._retried = 0
-        self._last_error: DeliveryReport | None = None
+        self._ledger = Ledger(self._settings.on_error)
 
         self._pid = os.getpid()
         _live_clients.add(self)
@@ -288,10 +281,7 @@ class AsyncClient:
         return message_id
 
     def _refuse(self, reason: str, message_id: str) -> None:
-        with self._lock:
-            self._refused_total += 1
-            self._dropped[reason] += 1
-            self._refused.append((reason, message_id))
+        self._ledger.drop_at_capture(reason, message_id, queued=False)
         self._kick()
 
     def _drop_oldest(self) -> None:
@@ -300,8 +290,7 @@ class AsyncClient:
                 return
             item = self._queue.popleft()
             self._taken += 1
-            self._dropped["queue_overflow"] += 1
-            self._refused.append(("queue_overflow", item[5]))
+            self._ledger.drop_at_capture("queue_overflow", item[5], queued=True)
 
     # -- the runner ----------------------------------------------------------------------------
 
@@ -357,7 +346,7 @@ class AsyncClient:
     def _forget_runner(self) -> None:
         """Drop the runner state of a dead event loop or of the parent process; keep the queue."""
         self._running = self._closing = False
-        self._loop = self._call_soon = self._tg = self._wakeup = self._http = None
+        self._loop = self._call_soon = self._ledger.spawn = self._wakeup = self._http = None
         self._runner_done = None
         self._in_flight.clear()
         self._wake_at = 1
@@ -393,7 +382,7 @@ class AsyncClient:
     async def _finish(self) -> None:
         if self._closed:
             self._account_undelivered()
-        self._emit_refused()
+        self._ledger.report_capture_drops()
         if self._http is not None and self._settings.http_client is None:
             await self._http.aclose()
         self._http = None
@@ -404,7 +393,7 @@ class AsyncClient:
 
     async def _serve(self) -> None:
         async with anyio.create_task_group() as tg:
-            self._tg = tg
+            self._ledger.spawn = tg.start_soon
             try:
                 while (batch := await self._next_batch()) is not None:
                     self._in_flight.add(batch)
@@ -413,12 +402,12 @@ class AsyncClient:
                     else:
                         tg.start_soon(self._deliver, batch)
             finally:
-                self._tg = None
+                self._ledger.spawn = None
 
     async def _next_batch(self) -> _Batch | None:
         """Wait until a batch should go out and return it; None once closing has drained."""
         while True:
-            self._emit_refused()
+            self._ledger.report_capture_drops()
             self._release_waiters()
             batch = self._ready_batch()
             if batch is not None:
@@ -511,11 +500,11 @@ class AsyncClient:
         item: ev.Item | None = first
         while item is not None:
             if item[2] < oldest:
-                self._drop_items([item], "expired", "older than the server's 30-day window")
+                self._ledger.drop([item], "expired", "older than the server's 30-day window")
             else:
                 body = ev.encode_event(item, self._base_context_bytes)
                 if len(body) + 16 > s.max_batch_bytes:
-                    self._drop_items([item], "payload_too_large", "larger than max_batch_bytes")
+                    self._ledger.drop([item], "payload_too_large", "larger than max_batch_bytes")
                 elif size + len(body) + 1 > s.max_batch_bytes:
                     queue.appendleft(item)
                     self._taken -= 1
@@ -564,17 +553,17 @@ class AsyncClient:
             if delay is None:
                 delay = backoff(attempt, s.backoff_base, s.backoff_cap)
             logger.debug("whisperr: %s; retrying in %.2fs", outcome.message, delay)
-            self._retried += len(batch.items)
+            self._ledger.retried += len(batch.items)
             attempt += 1
             await s.sleep(delay)
 
     def _settle(self, batch: _Batch, outcome: Outcome) -> None:
         count = len(batch.items)
         if outcome.kind == "ok":
-            self._delivered += count - min(outcome.rejected, count)
+            self._ledger.delivered += count - min(outcome.rejected, count)
             self._pause_level = 0
             if outcome.rejected:
-                self._report(
+                self._ledger.report(
                     "dropped",
                     "partially_rejected",
                     f"the server rejected {outcome.rejected} of {count} events in a batch",
@@ -592,13 +581,13 @@ class AsyncClient:
                     0, _Batch(batch.items[part], batch.bodies[part], identify=False, first=first)
                 )
         elif outcome.kind in ("drop", "too_large"):
-            self._drop_items(batch.items, outcome.reason, outcome.message, outcome.status)
+            self._ledger.drop(batch.items, outcome.reason, outcome.message, outcome.status)
         else:
             kind: ReportType = "auth" if outcome.kind == "auth" else "retry_exhausted"
             batch.failure = outcome.reason
             self._retain(batch)
             self._pause()
-            self._report(
+            self._ledger.report(
                 kind,
                 outcome.reason,
                 f"{outcome.message}; {count} events kept for a later attempt",
@@ -619,64 +608,7 @@ class AsyncClient:
         delay = min(ceiling, max(s.backoff_base, 0.1) * 2.0 ** min(self._pause_level, 30))
         self._paused_until = anyio.current_time() + delay * random.uniform(0.5, 1.0)
 
-    # -- reports and accounting ----------------------------------------------------------------
-
-    def _drop_items(
-        self, items: Sequence[ev.Item], reason: str, message: str, status: int | None = None
-    ) -> None:
-        ids = tuple(item[5] for item in items if item[5])
-        self._report(
-            "dropped", reason, f"{len(items)} events dropped: {message}", status, len(items), ids
-        )
-
-    def _report(
-        self,
-        kind: ReportType,
-        reason: str,
-        message: str,
-        status: int | None,
-        count: int,
-        message_ids: tuple[str, ...],
-        counted: bool = False,
-    ) -> None:
-        report = DeliveryReport(kind, reason, message, status, count, message_ids)
-        self._last_error = report
-        if kind == "dropped" and not counted:
-            self._dropped[reason] += count
-        log = logger.error if kind == "auth" else logger.warning
-        log("whisperr: %s (%s): %s", kind, reason, message)
-        hook = self._settings.on_error
-        if hook is None:
-            return
-        try:
-            result = hook(report)
-        except Exception:
-            logger.exception("whisperr: the on_error hook raised; delivery goes on")
-            return
-        if inspect.isawaitable(result):
-            if self._tg is not None:
-                self._tg.start_soon(_await_hook, result)
-            else:
-                logger.warning("whisperr: an async on_error hook was called outside the runner")
-                _close_awaitable(result)
-
-    def _emit_refused(self) -> None:
-        """Report events refused on the caller's path, one report per reason."""
-        if not self._refused:
-            return
-        refused, self._refused = self._refused, []
-        for reason in dict.fromkeys(r for r, _ in refused):
-            ids = tuple(mid for r, mid in refused if r == reason and mid)
-            count = sum(1 for r, _ in refused if r == reason)
-            self._report(
-                "dropped",
-                reason,
-                f"{count} events refused at capture ({reason})",
-                None,
-                count,
-                ids,
-                counted=True,
-            )
+    # -- accounting ---------------------------------------------------------------------------
 
     def _account_undelivered(self) -> None:
         """At close: report everything not delivered, so that tracked == delivered + dropped."""
@@ -689,7 +621,7 @@ class AsyncClient:
             self._taken += len(self._queue)
             self._queue.clear()
         for reason, items in leftovers.items():
-            self._drop_items(items, reason, "not delivered before the client closed")
+            self._ledger.drop(items, reason, "not delivered before the client closed")
 
     def _release_waiters(self, force: bool = False) -> None:
         for waiter in list(self._waiters):
@@ -721,7 +653,7 @@ class AsyncClient:
         Returns:
             What was delivered and dropped meanwhile, and what is still pending.
         """
-        before = (self._delivered, self.stats().dropped)
+        before = (self._ledger.delivered, self.stats().dropped)
         if self._closed or self._settings.disabled:
             return self._result(before, timed_out=False)
         self._ensure_running()
@@ -744,12 +676,12 @@ class AsyncClient:
         then is counted as dropped and reported (reason ``shutdown``, or why it was kept).
         Closes the connection pool unless it was passed in as ``http_client``.
         """
-        before = (self._delivered, self.stats().dropped)
+        before = (self._ledger.delivered, self.stats().dropped)
         if not self._closed:
             self._accepting = False
             self._closed = self._closing = True
             self._round += 1
-            if self._queue or self._retained or self._refused:
+            if self._queue or self._retained:
                 self._ensure_running()
         done = self._runner_done
         timed_out = False
@@ -767,7 +699,7 @@ class AsyncClient:
                     await done.wait()
         else:
             self._account_undelivered()
-            self._emit_refused()
+            self._ledger.report_capture_drops()
         return self._result(before, timed_out=timed_out)
 
     async def __aenter__(self) -> AsyncClient:
@@ -795,17 +727,18 @@ class AsyncClient:
         queued_bytes = sum(
             len(i[3]) + (base if i[4] is None else len(i[4])) + 128 for i in queued
         ) + sum(len(body) for batch in self._retained for body in batch.bodies)
-        dropped = dict(self._dropped)
+        ledger = self._ledger
+        dropped = dict(ledger.dropped)
         return Stats(
-            tracked=self._taken + len(self._queue) + self._refused_total,
-            delivered=self._delivered,
+            tracked=self._taken + len(self._queue) + ledger.refused,
+            delivered=ledger.delivered,
             dropped=sum(dropped.values()),
             dropped_by_reason=dropped,
-            retried=self._retried,
+            retried=ledger.retried,
             queued=len(queued) + len(retained),
             queued_bytes=queued_bytes,
-            in_flight=sum(len(b.items) for b in self._in_flight),
-            last_error=self._last_error,
+            in_flight=sum(len(b.items) for b in list(self._in_flight)),
+            last_error=ledger.last_error,
         )
 
     def _result(self, before: tuple[int, int], *, timed_out: bool) -> FlushResult:
@@ -844,16 +777,3 @@ def _reset_after_fork() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reset_after_fork)
-
-
-async def _await_hook(result: Any) -> None:
-    try:
-        await result
-    except Exception:
-        logger.exception("whisperr: the on_error hook raised; delivery goes on")
-
-
-def _close_awaitable(result: Any) -> None:
-    close = getattr(result, "close", None)
-    if close is not None:
-        close()
