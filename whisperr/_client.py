@@ -20,6 +20,7 @@ import attrs
 import httpx
 
 from . import _events as ev
+from ._batches import Batch, take_batch
 from ._config import Settings
 from ._errors import ClientClosedError, InvalidEventError
 from ._ledger import Ledger
@@ -33,22 +34,6 @@ logger = logging.getLogger("whisperr")
 _EVENT_OVERHEAD = 512
 _KNOWN_TYPES_CAP = 4096
 _NEVER = sys.maxsize
-
-
-@attrs.define(eq=False)
-class _Batch:
-    """Events that travel in one request, encoded once, kept whole across retries."""
-
-    items: list[ev.Item]
-    bodies: list[bytes]
-    identify: bool
-    first: int  # the queue position its first event was taken from (counted since creation)
-    retained_round: int = -1
-    failure: str = "shutdown"
-
-    @property
-    def message_ids(self) -> tuple[str, ...]:
-        return tuple(item[5] for item in self.items if item[5])
 
 
 @attrs.define(eq=False)
@@ -117,8 +102,8 @@ class AsyncClient:
         self._queue: deque[ev.Item] = deque()
         self._taken = 0  # how many items have ever left the queue (taken or overflowed)
         self._wake_at = 1  # the queue length at which track() wakes the runner
-        self._retained: list[_Batch] = []
-        self._in_flight: set[_Batch] = set()
+        self._retained: list[Batch] = []
+        self._in_flight: set[Batch] = set()
         self._round = 0
         self._waiters: list[_Waiter] = []
         self._ledger = Ledger(self._settings.on_error)
@@ -404,7 +389,7 @@ class AsyncClient:
             finally:
                 self._ledger.spawn = None
 
-    async def _next_batch(self) -> _Batch | None:
+    async def _next_batch(self) -> Batch | None:
         """Wait until a batch should go out and return it; None once closing has drained."""
         while True:
             self._ledger.report_capture_drops()
@@ -420,13 +405,13 @@ class AsyncClient:
     def _urgent(self) -> bool:
         return self._closing or bool(self._waiters)
 
-    def _sendable(self) -> list[_Batch]:
+    def _sendable(self) -> list[Batch]:
         now = anyio.current_time()
         return [
             b for b in self._retained if b.retained_round < self._round or now >= self._paused_until
         ]
 
-    def _ready_batch(self) -> _Batch | None:
+    def _ready_batch(self) -> Batch | None:
         # Once attempts keep failing (not one isolated failure), one batch probes the server and
         # the rest wait in the queue: the client backs off as a whole.
         limit = 1 if self._failures >= 2 else self._settings.max_concurrency
@@ -480,50 +465,27 @@ class AsyncClient:
         if self._wakeup is not None:
             self._wakeup.set()
 
-    def _take(self) -> _Batch | None:
-        """Take the next batch off the queue: one identify alone, or a run of tracks."""
-        with self._lock:
-            return self._take_locked()
-
-    def _take_locked(self) -> _Batch | None:
-        queue = self._queue
-        position = self._taken
-        first = queue.popleft()
-        self._taken += 1
-        if first[1] is None:
-            return _Batch([first], [first[3]], identify=True, first=position)
+    def _take(self) -> Batch | None:
+        """Take the next batch off the queue (under the lock other threads drop oldest with)."""
         s = self._settings
-        oldest = s.clock() - ev.MAX_PAST + 60.0
-        items: list[ev.Item] = []
-        bodies: list[bytes] = []
-        size = 16
-        item: ev.Item | None = first
-        while item is not None:
-            if item[2] < oldest:
-                self._ledger.drop([item], "expired", "older than the server's 30-day window")
-            else:
-                body = ev.encode_event(item, self._base_context_bytes)
-                if len(body) + 16 > s.max_batch_bytes:
-                    self._ledger.drop([item], "payload_too_large", "larger than max_batch_bytes")
-                elif size + len(body) + 1 > s.max_batch_bytes:
-                    queue.appendleft(item)
-                    self._taken -= 1
-                    break
-                else:
-                    items.append(item)
-                    bodies.append(body)
-                    size += len(body) + 1
-            if len(items) >= s.max_batch_size or not queue or queue[0][1] is None:
-                break
-            item = queue.popleft()
-            self._taken += 1
-        if not queue:
+        with self._lock:
+            batch, taken = take_batch(
+                self._queue,
+                self._taken,
+                max_size=s.max_batch_size,
+                max_bytes=s.max_batch_bytes,
+                base_context=self._base_context_bytes,
+                now=s.clock(),
+                ledger=self._ledger,
+            )
+            self._taken += taken
+        if not self._queue:
             self._timer_start = None
-        return _Batch(items, bodies, identify=False, first=position) if items else None
+        return batch
 
     # -- delivery --------------------------------------------------------------------------
 
-    async def _deliver(self, batch: _Batch) -> None:
+    async def _deliver(self, batch: Batch) -> None:
         outcome: Outcome | None = None
         try:
             outcome = await self._attempts(batch)
@@ -535,7 +497,7 @@ class AsyncClient:
                 self._settle(batch, outcome)
             self._notify()
 
-    async def _attempts(self, batch: _Batch) -> Outcome:
+    async def _attempts(self, batch: Batch) -> Outcome:
         s = self._settings
         assert self._http is not None
         url = self._url_identify if batch.identify else self._url_batch
@@ -557,7 +519,7 @@ class AsyncClient:
             attempt += 1
             await s.sleep(delay)
 
-    def _settle(self, batch: _Batch, outcome: Outcome) -> None:
+    def _settle(self, batch: Batch, outcome: Outcome) -> None:
         count = len(batch.items)
         if outcome.kind == "ok":
             self._ledger.delivered += count - min(outcome.rejected, count)
@@ -572,14 +534,7 @@ class AsyncClient:
                     (),
                 )
         elif outcome.kind == "too_large" and count > 1:
-            half = count // 2
-            for part, first in (
-                (slice(half, None), batch.first + half),
-                (slice(half), batch.first),
-            ):
-                self._retained.insert(
-                    0, _Batch(batch.items[part], batch.bodies[part], identify=False, first=first)
-                )
+            self._retained[:0] = batch.halves()  # sent again at once, in order
         elif outcome.kind in ("drop", "too_large"):
             self._ledger.drop(batch.items, outcome.reason, outcome.message, outcome.status)
         else:
@@ -596,7 +551,7 @@ class AsyncClient:
                 batch.message_ids,
             )
 
-    def _retain(self, batch: _Batch) -> None:
+    def _retain(self, batch: Batch) -> None:
         batch.retained_round = self._round
         self._retained.append(batch)
         self._retained.sort(key=lambda b: b.first)
