@@ -1,47 +1,41 @@
-"""The local ingestion app: a plain ASGI 3 callable that validates, stores and misbehaves."""
+"""The local ingestion app: an ASGI 3 callable that routes, authenticates, stores and misbehaves."""
 
 from __future__ import annotations
 
-import functools
 import hmac
 import logging
-import re
 import threading
 import time
 import uuid
 import zlib
-from collections.abc import Awaitable, Callable, Collection, Mapping, MutableMapping
-from datetime import datetime
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any, final
 
 import anyio
 import attrs
 import orjson
 
+from whisperr.server._echo import echo_lines
 from whisperr.server._faults import DropConnection, Fault, Faults
+from whisperr.server._rules import (
+    INVALID,
+    Problem,
+    batch_problem,
+    event_check,
+    identify_problem,
+    located,
+)
 
 Scope = MutableMapping[str, Any]  # the ASGI spelling, so httpx.ASGITransport et al. accept the app
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
-Problem = tuple[str, str]  # (where, rule); where is "" for the value itself
-Check = Callable[[Any], "Problem | None"]
 Headers = tuple[tuple[bytes, bytes], ...]
 
 logger = logging.getLogger("whisperr.server")
 
-MAX_BATCH_EVENTS = 500
-_EVENT_TYPE = re.compile(r"[a-z0-9]+(?:_[a-z0-9]+)*")
-_TIMESTAMP = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}Z")
-_MAX_AHEAD_SECONDS = 5 * 60.0
-_MAX_BEHIND_SECONDS = 30 * 86400.0
-_CHANNELS = ("email", "sms", "push")
-_MAX_CHANNELS = 10
-_MAX_TRAITS_BYTES = 50 * 1024
 _MAX_INFLATED_BYTES = 64 * 1024 * 1024
 _HANG_LIMIT_SECONDS = 300.0  # a hung request gives up by itself after this long
-_ECHO_EVENT_LINES = 5  # batches up to this size get one echo line per event
-_INVALID: Any = object()  # stands for a body that is not (gzip-compressed) JSON
 _ERROR_CODES = {401: "invalid_api_key", 404: "not_found", 405: "method_not_allowed"}
 _ERROR_CODES |= {413: "payload_too_large", 429: "rate_limited", 503: "service_unavailable"}
 
@@ -49,7 +43,11 @@ _ERROR_CODES |= {413: "payload_too_large", 429: "rate_limited", 503: "service_un
 @final
 @attrs.frozen
 class RequestRecord:
-    """What the server saw of one request; `status` is None when it hung up instead of answering."""
+    """What the server saw of one request; `status` is None when it hung up instead of answering.
+
+    Records are made as the app settles each request's outcome, not as requests arrive;
+    `WhisperrApp.requests` says when exactly.
+    """
 
     method: str
     path: str
@@ -65,7 +63,7 @@ class _Request:
     path: str
     headers: Mapping[str, str]
     body: bytes
-    data: Any  # the parsed body, or _INVALID
+    data: Any  # the parsed body, or INVALID
 
     @classmethod
     def build(cls, scope: Scope, body: bytes) -> _Request:
@@ -123,7 +121,13 @@ class WhisperrApp:
 
     @property
     def requests(self) -> list[RequestRecord]:
-        """One record per request except `/_local/*`, in arrival order."""
+        """One record per request, in the order the app finished with them (not arrival order).
+
+        A request is recorded once its answer is decided (after any latency or `delay` fault)
+        or when its connection is dropped; a hang is recorded as it starts. So a slow request
+        comes after quicker ones that arrived later. Not recorded: `GET /_local/events`,
+        `POST /_local/reset`, and a request whose client left before sending its whole body.
+        """
         with self._lock:
             return list(self._requests)
 
@@ -219,23 +223,20 @@ class WhisperrApp:
         return None
 
     def _batch(self, request: _Request) -> _Response:
-        problem = _shape(request.data, _BATCH_CHECKS, ("events",))
+        problem = batch_problem(request.data)
         return _invalid(problem) if problem else self._accept(request.data["events"], "events[{}]")
 
     def _track(self, request: _Request) -> _Response:
         return self._accept([request.data], "")
 
     def _accept(self, events: list[Any], where: str) -> _Response:
-        checks: dict[str, Check] = {
-            **_EVENT_CHECKS,
-            "occurred_at": functools.partial(_timestamp, now=self._clock()),
-        }
+        check = event_check(now=self._clock())
         for index, event in enumerate(events):
-            problem = _shape(event, checks, _EVENT_REQUIRED)
+            problem = check(event)
             if problem is None and self.faults.is_poison(event):
                 problem = ("", "poison event (fault injected)")
             if problem:
-                return _invalid(_located(where.format(index), problem))
+                return _invalid(located(where.format(index), problem))
         kept = [event for event in events if not self.faults.is_rejected(event)]
         with self._lock:
             for event in kept:
@@ -245,14 +246,14 @@ class WhisperrApp:
         return _Response(202, {"accepted": len(kept), "rejected": len(events) - len(kept)})
 
     def _identify(self, request: _Request) -> _Response:
-        if problem := _shape(request.data, _IDENTIFY_CHECKS, ("external_user_id",)):
+        if problem := identify_problem(request.data):
             return _invalid(problem)
         with self._lock:
             self._identifies.append(request.data)
         return _Response(200, {"ok": True})
 
     def _lenient(self, request: _Request) -> _Response:
-        if request.data is _INVALID:
+        if request.data is INVALID:
             return _invalid(("", "must be JSON (or gzip-compressed JSON)"))
         with self._lock:
             self._lenient_count += _count(request.path, request.data)
@@ -285,8 +286,7 @@ class WhisperrApp:
         with self._lock:
             self._requests.append(record)
         if self._echo:
-            for line in _echo_lines(record, request.data, response):
-                logger.info("%s", line)
+            _log_echo(record, request, response)
 
 
 def create_app(
@@ -323,18 +323,27 @@ _LENIENT = _Route("POST", WhisperrApp._lenient, auth=False)
 
 def _listed_events(path: str, data: Any) -> list[Any]:
     if path == "/v1/events/track":
-        return [] if data is _INVALID else [data]
+        return [] if data is INVALID else [data]
     events = data.get("events") if path == "/v1/events/batch" and isinstance(data, dict) else None
     return events if isinstance(events, list) else []
 
 
 def _count(path: str, data: Any) -> int:
     """The number of messages a body carries, as recorded (and counted by `/_lenient/*`)."""
-    if not path.startswith("/_lenient/") or data is _INVALID:
+    if not path.startswith("/_lenient/") or data is INVALID:
         return len(_listed_events(path, data))
     if isinstance(data, dict):
         data = data.get("batch", data.get("events", data))
     return len(data) if isinstance(data, list) else 1
+
+
+def _log_echo(record: RequestRecord, request: _Request, response: _Response | None) -> None:
+    error: str | None = None
+    if response is not None and response.status >= 400:
+        error = response.payload["error"]["message"]
+    events = _listed_events(request.path, request.data)
+    for line in echo_lines(record, request.data, events, error):
+        logger.info("%s", line)
 
 
 def _decode(body: bytes, encoding: str) -> Any:
@@ -343,10 +352,10 @@ def _decode(body: bytes, encoding: str) -> Any:
             inflater = zlib.decompressobj(wbits=31)
             body = inflater.decompress(body, _MAX_INFLATED_BYTES)
             if inflater.unconsumed_tail:
-                return _INVALID
+                return INVALID
         return orjson.loads(body)
     except (orjson.JSONDecodeError, zlib.error):
-        return _INVALID
+        return INVALID
 
 
 def _error(status: int, message: str, *, code: str = "", headers: Headers = ()) -> _Response:
@@ -390,144 +399,3 @@ async def _lifespan(receive: Receive, send: Send) -> None:
     while (await receive())["type"] != "lifespan.shutdown":
         await send({"type": "lifespan.startup.complete"})
     await send({"type": "lifespan.shutdown.complete"})
-
-
-def _echo_lines(record: RequestRecord, data: Any, response: _Response | None) -> list[str]:
-    events = _listed_events(record.path, data)
-    head = f"{record.status or '---'} {record.method} {record.path}"
-    if events:
-        more = ", ..." if len(events) > 2 else ""
-        plural = "s" if len(events) != 1 else ""
-        head += f"  {len(events)} event{plural}  ({', '.join(map(_describe, events[:2]))}{more})"
-    elif record.path == "/v1/identify" and isinstance(data, dict):
-        head += f"  {data.get('external_user_id')}  traits={_short(data.get('traits', {}))}"
-    if record.fault is not None:
-        head += f"  [fault: {record.fault}]"
-    if response is not None and response.status >= 400 and record.fault is None:
-        head += f"  {response.payload['error']['message']}"
-    small = events if len(events) <= _ECHO_EVENT_LINES else []
-    return [head, *(f"    {_describe(e)}  {_short(e)}" for e in small if isinstance(e, dict))]
-
-
-def _describe(event: Any) -> str:
-    if not isinstance(event, dict):
-        return "?"
-    return f"{event.get('external_user_id')} {event.get('event_type')}"
-
-
-def _short(value: Any, limit: int = 100) -> str:
-    if isinstance(value, dict) and "event_type" in value:
-        value = [value.get("occurred_at"), value.get("properties")]
-    text = orjson.dumps(value, default=repr).decode()
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-# Validation (WIRE.md sections 2 and 3). A check returns None or a Problem (where, rule).
-
-
-def _located(where: str, problem: Problem | None) -> Problem | None:
-    """Prefix a problem's location: `channels` + `[0].channel`, `context` + `$message_id`."""
-    if problem is None:
-        return None
-    inner, rule = problem
-    sep = "." if where and inner and not inner.startswith("[") else ""
-    return (where + sep + inner, rule)
-
-
-def _shape(value: Any, checks: Mapping[str, Check], required: Collection[str]) -> Problem | None:
-    if value is _INVALID:
-        return ("", "must be valid JSON")
-    if not isinstance(value, dict):
-        return ("", "must be a JSON object")
-    if unknown := [key for key in value if key not in checks]:
-        return (unknown[0], "unknown field")
-    if missing := [key for key in required if key not in value]:
-        return (missing[0], "required field missing")
-    for key, item in value.items():
-        if problem := checks[key](item):
-            return _located(key, problem)
-    return None
-
-
-def _rule(ok: bool, rule: str) -> Problem | None:
-    return None if ok else ("", rule)
-
-
-def _text(value: Any) -> Problem | None:
-    return _rule(isinstance(value, str) and value != "", "must be a non-empty string")
-
-
-def _object(value: Any) -> Problem | None:
-    return _rule(isinstance(value, dict), "must be a JSON object")
-
-
-def _flag(value: Any) -> Problem | None:
-    return _rule(isinstance(value, bool), "must be true or false")
-
-
-def _channel_name(value: Any) -> Problem | None:
-    return _rule(value in _CHANNELS, "must be one of email, sms, push")
-
-
-def _event_type(value: Any) -> Problem | None:
-    ok = isinstance(value, str) and _EVENT_TYPE.fullmatch(value) is not None
-    return _rule(ok, "must be lowercase snake_case (^[a-z0-9]+(?:_[a-z0-9]+)*$)")
-
-
-def _timestamp(value: Any, now: float) -> Problem | None:
-    if not isinstance(value, str) or not _TIMESTAMP.fullmatch(value):
-        return ("", "must be RFC3339 UTC with exactly 3 fractional digits and a Z suffix")
-    try:
-        stamp = datetime.fromisoformat(value[:-1] + "+00:00").timestamp()
-    except ValueError:
-        return ("", "is not a valid date and time")
-    if stamp > now + _MAX_AHEAD_SECONDS:
-        return ("", "is more than 5 minutes ahead of the server clock")
-    return _rule(stamp >= now - _MAX_BEHIND_SECONDS, "is more than 30 days in the past")
-
-
-def _context(value: Any) -> Problem | None:
-    if not isinstance(value, dict):
-        return ("", "must be a JSON object")
-    return _located("$message_id", _text(value.get("$message_id")))
-
-
-def _traits(value: Any) -> Problem | None:
-    if not isinstance(value, dict):
-        return ("", "must be a JSON object")
-    return _rule(len(orjson.dumps(value)) <= _MAX_TRAITS_BYTES, "must be at most 50 KB as JSON")
-
-
-def _channels(value: Any) -> Problem | None:
-    if not isinstance(value, list) or len(value) > _MAX_CHANNELS:
-        return ("", f"must be a list of at most {_MAX_CHANNELS} channels")
-    for index, item in enumerate(value):
-        if problem := _shape(item, _CHANNEL_CHECKS, _CHANNEL_REQUIRED):
-            return _located(f"[{index}]", problem)
-    return None
-
-
-def _events(value: Any) -> Problem | None:
-    ok = isinstance(value, list) and 1 <= len(value) <= MAX_BATCH_EVENTS
-    return _rule(ok, f"must be a list of 1 to {MAX_BATCH_EVENTS} events")
-
-
-_CHANNEL_CHECKS: dict[str, Check] = {
-    "channel": _channel_name,
-    "address": _text,
-    "opted_in": _flag,
-    "verified": _flag,
-}
-_CHANNEL_REQUIRED = ("channel", "address", "opted_in")
-_USER_CHECKS: dict[str, Check] = {"channels": _channels, "preferred_channel": _channel_name}
-_IDENTIFY_CHECKS: dict[str, Check] = {"external_user_id": _text, "traits": _traits, **_USER_CHECKS}
-_BATCH_CHECKS: dict[str, Check] = {"events": _events}
-_EVENT_REQUIRED = ("external_user_id", "event_type", "occurred_at", "properties", "context")
-_EVENT_CHECKS: dict[str, Check] = {
-    "external_user_id": _text,
-    "event_type": _event_type,
-    "occurred_at": _text,  # replaced per request by a check against the server clock
-    "properties": _object,
-    "context": _context,
-    "user": functools.partial(_shape, checks=_USER_CHECKS, required=()),
-}
