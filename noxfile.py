@@ -59,3 +59,10 @@ def demo(session: nox.Session) -> None:
     """A FastAPI service against the bundled local server; prints what was delivered."""
     session.install("-e", ".", *nox.project.dependency_groups(PYPROJECT, "demo"))
     session.run("python", "examples/demo.py", *session.posargs)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Side-by-side benchmarks against the official SDK and peers (writes benchmarks/results/)."""
+    session.install("-e", ".")  # the others get their own cached environments
+    session.run("python", "benchmarks/run.py", *session.posargs)

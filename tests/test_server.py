@@ -761,3 +761,14 @@ class TestCommandLine:
                 assert process.wait(timeout=10) == 0
             finally:
                 process.kill()
+
+
+@pytest.mark.anyio
+async def test_benchmark_mode_counts_ids_without_validating() -> None:
+    """validate=False stores each batch event's $message_id once, whatever else the event holds."""
+    app = create_app(validate=False)
+    body = b'{"events":[{"context":{"$message_id":"a"}},{"x":1,"context":{"$message_id": "b"}},'
+    body += b'{"context":{"$message_id":"a"}}]}'
+    response = await call(app, "/v1/events/batch", content=body)
+    assert response.status_code == 202
+    assert [e["context"]["$message_id"] for e in app.events] == ["a", "b"]

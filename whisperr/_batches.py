@@ -31,7 +31,7 @@ class Batch:
 
     @property
     def message_ids(self) -> tuple[str, ...]:
-        return tuple(item[5] for item in self.items if item[5])
+        return tuple(item[4] for item in self.items if item[4])
 
     def halves(self) -> tuple[Batch, Batch]:
         """The batch split in two, for a server that answered 413."""

@@ -18,6 +18,7 @@ from typing import Any, final
 import anyio
 import attrs
 import httpx
+import orjson
 
 from . import _events as ev
 from ._batches import Batch, take_batch
@@ -71,6 +72,7 @@ class AsyncClient:
         self._base_context_bytes = ev.encode_base_context(base)
         self._max_event_bytes = s.max_batch_bytes - _EVENT_OVERHEAD
         self._known_types: set[str] = set()
+        self._millisecond = (0.0, 0.0, 0.0)  # the window of the last stamp, and that stamp
         self._clock = s.clock
         self._strict = s.strict
         self._max_queue = s.max_queue_size
@@ -160,9 +162,21 @@ class AsyncClient:
                 ev.check_user_id(external_user_id)
             if event_type not in self._known_types:
                 self._learn(event_type)
-            props = b"{}" if properties is None else ev.encode_object("properties", properties)
+            if type(properties) is dict:  # the common case, inlined: this is the hot path
+                try:
+                    props = b"%b" % _dumps(properties)  # an exact-size copy: see encode_object
+                except TypeError:
+                    ev.encode_object("properties", properties)  # raises, naming the rule
+            else:
+                props = b"{}" if properties is None else ev.encode_object("properties", properties)
             if context is None and occurred_at is None and message_id is None:
-                encoded_context, stamp, mid = None, self._clock(), ev.new_message_id()
+                encoded_context, stamp = None, self._clock()
+                try:
+                    mid = _next_id()
+                except IndexError:
+                    mid = ev.new_message_id()
+                start, end, shared = self._millisecond
+                stamp = shared if start <= stamp < end else self._share(stamp)
             else:
                 encoded_context, stamp, mid = self._extras(context, occurred_at, message_id)
             if len(props) > self._max_event_bytes:
@@ -179,7 +193,10 @@ class AsyncClient:
                 self._refuse("queue_overflow", mid)
                 return mid
             self._drop_oldest()
-        queue.append((external_user_id, event_type, stamp, props, encoded_context, mid))
+        if encoded_context is None:
+            queue.append((external_user_id, event_type, stamp, props, mid))
+        else:
+            queue.append((external_user_id, event_type, stamp, props, mid, encoded_context))
         if len(queue) >= self._wake_at:
             self._kick()
         return mid
@@ -224,9 +241,15 @@ class AsyncClient:
                 self._refuse("queue_overflow", "")
                 return
             self._drop_oldest()
-        self._queue.append((external_user_id, None, self._clock(), body, None, ""))
+        self._queue.append((external_user_id, None, self._clock(), body, ""))
         if len(self._queue) >= self._wake_at:
             self._kick()
+
+    def _share(self, stamp: float) -> float:
+        # Events of one millisecond are sent with the same occurred_at: let them share one float
+        # (32 bytes an event fewer in a queue filled by a burst, and a cache hit when encoding).
+        self._millisecond = (*ev.millisecond_window(stamp), stamp)
+        return stamp
 
     def _learn(self, event_type: object) -> None:
         ev.check_event_type(event_type)
@@ -275,7 +298,7 @@ class AsyncClient:
                 return
             item = self._queue.popleft()
             self._taken += 1
-            self._ledger.drop_at_capture("queue_overflow", item[5], queued=True)
+            self._ledger.drop_at_capture("queue_overflow", item[4], queued=True)
 
     # -- the runner ----------------------------------------------------------------------------
 
@@ -680,7 +703,7 @@ class AsyncClient:
         queued = list(self._queue)
         base = len(self._base_context_bytes)
         queued_bytes = sum(
-            len(i[3]) + (base if i[4] is None else len(i[4])) + 128 for i in queued
+            len(i[3]) + (len(i[5]) if len(i) > 5 else base) + 128 for i in queued
         ) + sum(len(body) for batch in self._retained for body in batch.bodies)
         ledger = self._ledger
         dropped = dict(ledger.dropped)
@@ -722,6 +745,8 @@ def _scheduler_here() -> Callable[[Callable[[], None]], object] | None:
     return token.run_sync_soon  # type: ignore[no-any-return]
 
 
+_dumps = orjson.dumps
+_next_id = ev.ready_ids.pop
 _live_clients: weakref.WeakSet[AsyncClient] = weakref.WeakSet()
 
 

@@ -30,8 +30,10 @@ _VARIANT = dict(zip("0123456789abcdef", "89ab89ab89ab89ab", strict=True))
 
 # What the client keeps per queued message, captured at track()/identify() time:
 # (external_user_id, event_type or None for an identify, occurred_at as epoch seconds,
-#  encoded properties (or the whole identify body), encoded context or None, message id).
-Item = tuple[str, str | None, float, bytes, bytes | None, str]
+#  encoded properties (or the whole identify body), message id[, encoded context]).
+# The context is there only when the caller passed one: a tuple a slot shorter is 16 bytes
+# smaller, which is 6% of a queued event.
+Item = tuple[str, str | None, float, bytes, str] | tuple[str, str | None, float, bytes, str, bytes]
 
 
 def check_user_id(value: object) -> str:
@@ -100,25 +102,25 @@ def check_message_id(value: object, field: str = "message_id") -> str:
 
 # Message ids are made 256 at a time from one read of the OS's random source: unlike the
 # random module they cannot repeat after random.seed(); the buffer is emptied in a forked child.
-_ids: list[str] = []
+ready_ids: list[str] = []
 
 
 def new_message_id() -> str:
     """A random (version 4) UUID string."""
     try:
-        return _ids.pop()
+        return ready_ids.pop()
     except IndexError:
         h = os.urandom(16 * 256).hex()
-        _ids.extend(
+        ready_ids.extend(
             f"{h[i : i + 8]}-{h[i + 8 : i + 12]}-4{h[i + 13 : i + 16]}-"
             f"{_VARIANT[h[i + 16]]}{h[i + 17 : i + 20]}-{h[i + 20 : i + 32]}"
             for i in range(0, len(h), 32)
         )
-        return _ids.pop()
+        return ready_ids.pop()
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_ids.clear)
+    os.register_at_fork(after_in_child=ready_ids.clear)
 
 
 def parse_occurred_at(value: object, now: float) -> float:
@@ -174,26 +176,30 @@ def format_timestamp(stamp: float) -> str:
     return f"{_second(seconds)}.{millis:03d}Z"
 
 
-# Events tracked in a burst share their millisecond: encode each millisecond once.
-_stamps: dict[int, bytes] = {}
+def millisecond_window(stamp: float) -> tuple[float, float]:
+    """The stamps that format to the same millisecond as ``stamp``: [start, end)."""
+    millis = _milliseconds(stamp)
+    return (millis * 1000 - 0.5) / 1e6, ((millis + 1) * 1000 - 0.5) / 1e6
+
+
+# Events tracked in a burst share their stamp (see AsyncClient._share): encode each one once.
+_stamps: dict[float, bytes] = {}
 
 
 def _stamp_bytes(stamp: float) -> bytes:
-    millis = _milliseconds(stamp)
     try:
-        return _stamps[millis]
+        return _stamps[stamp]
     except KeyError:
         if len(_stamps) > 4096:
             _stamps.clear()
-        seconds, rest = divmod(millis, 1000)
-        encoded = _stamps[millis] = f"{_second(seconds)}.{rest:03d}Z".encode()
+        encoded = _stamps[stamp] = format_timestamp(stamp).encode()
         return encoded
 
 
 def encode_event(item: Item, base: bytes) -> bytes:
     """The wire form of one queued track event, assembled from the pieces encoded at capture."""
-    user_id, event_type, stamp, properties, context, message_id = item
-    context = base if context is None else context
+    user_id, event_type, stamp, properties, message_id = item[:5]
+    context = item[5] if len(item) > 5 else base
     return b"".join(
         (
             b'{"external_user_id":',

@@ -56,7 +56,7 @@ class Ledger:
         self, items: Sequence[Item], reason: str, message: str, status: int | None = None
     ) -> None:
         """Count and report events that will never be delivered."""
-        ids = tuple(item[5] for item in items if item[5])
+        ids = tuple(item[4] for item in items if item[4])
         message = f"{len(items)} events dropped: {message}"
         self.report("dropped", reason, message, status, len(items), ids)
 

@@ -28,7 +28,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         _echo_to_stdout()
     if not _is_loopback(args.host):
         print(f"warning: listening on {args.host}, reachable from other hosts", file=sys.stderr)
-    app = create_app(api_key=args.api_key, faults=faults, echo=not args.quiet)
+    app = create_app(
+        api_key=args.api_key, faults=faults, echo=not args.quiet, validate=not args.no_validate
+    )
     with contextlib.suppress(KeyboardInterrupt):  # platforms without loop signal handlers
         asyncio.run(_serve(app, args.host, args.port))
     return 0
@@ -47,6 +49,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--latency", type=float, default=0.0, help="seconds before each answer")
     parser.add_argument("--fault-mix", default="", help='e.g. "503=0.2,429:1=0.1,close=0.1"')
     parser.add_argument("--seed", type=int, help="seed for --fault-mix")
+    parser.add_argument(
+        "--no-validate",
+        action="store_true",
+        help="benchmarks: skip the field checks of batches, keep only $message_id (deduplicated)",
+    )
     return parser
 
 

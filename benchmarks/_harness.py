@@ -1,0 +1,310 @@
+"""Plumbing for benchmarks/run.py: cached venvs, local server processes, worker subprocesses.
+
+Standard library only, so that run.py works from any interpreter that can see this project.
+All traffic goes to 127.0.0.1; every subprocess has a timeout; servers are always stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+WORKERS = BENCH_DIR / "workers"
+OFFICIAL_PIN = "whisperr==0.2.1"
+OTHER_PACKAGES = ("segment-analytics-python", "posthog")
+_PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")
+# Never through a proxy: every request here goes to 127.0.0.1.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# -- environments ----------------------------------------------------------------------------
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "whisperr-bench"
+
+
+def venv_python(venv: Path) -> Path:
+    return venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+
+
+def _works(python: str | Path, code: str) -> bool:
+    try:
+        done = subprocess.run(
+            [str(python), "-c", code],
+            capture_output=True,
+            timeout=120,
+            env=clean_env(),
+            cwd=tempfile.gettempdir(),  # `-c` puts the cwd on sys.path: never the repo's whisperr
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
+
+
+def ensure_venv(venv: Path, packages: Sequence[str], check: str) -> Path:
+    """A cached venv holding ``packages``; (re)built when ``check`` fails in it."""
+    python = venv_python(venv)
+    if python.exists() and _works(python, check):
+        return python
+    log(f"[setup] creating {venv} with {' '.join(packages)}")
+    if venv.exists():
+        shutil.rmtree(venv)
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    base = getattr(sys, "_base_executable", None) or sys.executable
+    subprocess.run([base, "-m", "venv", str(venv)], check=True, timeout=300)
+    pip = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    subprocess.run([*pip, *packages], check=True, timeout=900, env=clean_env())
+    if not _works(python, check):
+        raise RuntimeError(f"{venv}: installed {packages} but `{check}` still fails")
+    return python
+
+
+def official_python(cache: Path) -> Path:
+    check = "import whisperr; assert whisperr.__version__ == '0.2.1'; whisperr.Whisperr"
+    return ensure_venv(cache / "official-0.2.1", [OFFICIAL_PIN], check)
+
+
+def others_python(cache: Path) -> Path:
+    """segment and posthog: the current interpreter if it has both, else a cached venv."""
+    check = "import segment.analytics, posthog"
+    if _works(sys.executable, check):
+        return Path(sys.executable)
+    return ensure_venv(cache / "segment-posthog", list(OTHER_PACKAGES), check)
+
+
+def chart_python(cache: Path, install: bool) -> Path | None:
+    """An interpreter with matplotlib: this one, or with ``install`` a cached venv; else None."""
+    check = "import matplotlib"
+    if _works(sys.executable, check):
+        return Path(sys.executable)
+    venv = cache / "chart"
+    if _works(venv_python(venv), check):
+        return venv_python(venv)
+    if not install:
+        return None
+    return ensure_venv(venv, ["matplotlib"], check)
+
+
+def ours_python(explicit: str | None) -> Path:
+    """An interpreter where ``import whisperr`` is this project (it has AsyncClient and server)."""
+    check = "import whisperr, whisperr.server; whisperr.AsyncClient; whisperr.server.LocalServer"
+    candidates = [explicit] if explicit else [sys.executable, str(venv_python(REPO / ".venv"))]
+    for candidate in candidates:
+        if candidate and Path(candidate).exists() and _works(candidate, check):
+            return Path(candidate)
+    raise SystemExit(
+        "cannot find an interpreter where `import whisperr` is this project: install it "
+        "(pip install -e .) or pass --ours-python"
+    )
+
+
+def package_version(python: Path, dist: str) -> str:
+    code = f"from importlib.metadata import version; print(version({dist!r}))"
+    done = subprocess.run(
+        [str(python), "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tempfile.gettempdir(),
+        check=False,
+    )
+    return done.stdout.strip() or "?"
+
+
+def clean_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _PROXY_VARS and k != "PYTHONPATH"}
+    env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
+    return env
+
+
+# -- the local server ----------------------------------------------------------------------
+
+
+class Server:
+    """``python -m whisperr.server`` in its own process on 127.0.0.1 (a free port, real sockets).
+
+    It runs with ``--no-validate``: it deduplicates and counts events by ``$message_id``
+    without checking their fields, so that what is measured is the SDKs, not the server
+    (validating costs it about 9 us an event; the test suite covers what the SDKs send).
+    """
+
+    def __init__(self, python: Path, *args: str) -> None:
+        self._cmd = [
+            *(str(python), "-m", "whisperr.server", "--quiet", "--no-validate", "--port", "0"),
+            *args,
+        ]
+        self._proc: subprocess.Popen[str] | None = None
+        self.url = ""
+
+    def start(self, timeout: float = 20.0) -> Server:
+        self._proc = subprocess.Popen(
+            self._cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=clean_env(),
+            cwd=tempfile.gettempdir(),
+        )
+        found: list[str] = []
+        reader = threading.Thread(target=self._read_url, args=(found,), daemon=True)
+        reader.start()
+        reader.join(timeout)
+        if not found:
+            self.stop()
+            raise RuntimeError(f"the local server did not start: {' '.join(self._cmd)}")
+        self.url = found[0]
+        return self
+
+    def _read_url(self, found: list[str]) -> None:
+        assert self._proc is not None
+        assert self._proc.stdout is not None
+        for line in self._proc.stdout:
+            match = re.search(r"http://127\.0\.0\.1:\d+", line)
+            if match:
+                found.append(match.group(0))
+                return
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+    def __enter__(self) -> Server:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _call(self, method: str, path: str) -> Any:
+        data = b"{}" if method == "POST" else None
+        request = urllib.request.Request(self.url + path, method=method, data=data)
+        with _OPENER.open(request, timeout=120) as response:
+            return json.loads(response.read())
+
+    def reset(self) -> None:
+        self._call("POST", "/_local/reset")
+
+    def counts(self) -> dict[str, int]:
+        """What the server holds: events stored (deduplicated on $message_id) and lenient count."""
+        data = self._call("GET", "/_local/events")
+        ids = {e["context"]["$message_id"] for e in data["events"]}
+        return {"stored": len(data["events"]), "unique": len(ids), "lenient": data["lenient_count"]}
+
+
+@contextlib.contextmanager
+def closed_port() -> Iterator[str]:
+    """A URL on 127.0.0.1 where a bound, non-listening socket refuses every connection."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        sock.close()
+
+
+# -- workers -----------------------------------------------------------------------------------
+
+
+def run_worker(python: Path, script: str, spec: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """Run one worker in a subprocess and return its RESULT, or an ``error`` record."""
+    cmd = [str(python), str(WORKERS / script), json.dumps(spec)]
+    t0 = time.perf_counter()
+    try:
+        done = subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=clean_env(),
+            cwd=tempfile.gettempdir(),  # so the repo's own `whisperr` can never shadow a venv's
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return {"error": f"killed after {timeout:.0f} s", "returned": False}
+    for line in done.stdout.splitlines():
+        if line.startswith("RESULT "):
+            result: dict[str, Any] = json.loads(line[len("RESULT ") :])
+            result["wall_s"] = time.perf_counter() - t0
+            return result
+    tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+    return {"error": f"exit {done.returncode}: {' | '.join(tail)}", "returned": False}
+
+
+# -- reporting helpers -----------------------------------------------------------------------
+
+
+def median(values: Sequence[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith(("model name", "hardware", "cpu model")):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def git_commit() -> str:
+    """The repository's commit, and whether the work tree differs from it (outside benchmarks/)."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO), "status", "--porcelain", "--", ".", ":!benchmarks"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown commit"
+    return f"commit {head}" + (" with uncommitted changes" if dirty else "")
+
+
+def machine_line() -> str:
+    load = ""
+    with contextlib.suppress(OSError, AttributeError):
+        load = " | load avg {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
+    return (
+        f"Python {platform.python_version()} ({platform.python_implementation()}) | "
+        f"{platform.platform()} | {os.cpu_count()} CPUs | {cpu_model()}{load}"
+    )
