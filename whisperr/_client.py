@@ -707,6 +707,7 @@ class AsyncClient:
         ) + sum(len(body) for batch in self._retained for body in batch.bodies)
         ledger = self._ledger
         dropped = dict(ledger.dropped)
+        in_flight = list(self._in_flight)
         return Stats(
             tracked=self._taken + len(self._queue) + ledger.refused,
             delivered=ledger.delivered,
@@ -715,7 +716,8 @@ class AsyncClient:
             retried=ledger.retried,
             queued=len(queued) + len(retained),
             queued_bytes=queued_bytes,
-            in_flight=sum(len(b.items) for b in list(self._in_flight)),
+            in_flight=sum(len(b.items) for b in in_flight),
+            batches_in_flight=len(in_flight),
             last_error=ledger.last_error,
         )
 

@@ -37,10 +37,12 @@ class DeliveryReport:
 
 @attrs.frozen
 class Stats:
-    """A snapshot of the client's counters; every count is in events (tracks and identifies).
+    """A snapshot of the client's counters, in events (tracks and identifies) but for
+    ``batches_in_flight``.
 
     After ``aclose()`` every tracked event is accounted for:
-    ``tracked == delivered + dropped``.
+    ``tracked == delivered + dropped``. ``queued`` includes events kept after an auth failure
+    or exhausted retries; ``in_flight`` counts the events of the requests under way.
     """
 
     tracked: int
@@ -51,6 +53,7 @@ class Stats:
     queued: int
     queued_bytes: int
     in_flight: int
+    batches_in_flight: int
     last_error: DeliveryReport | None
 
 
