@@ -116,7 +116,8 @@ class Client:
             return self._call(self._async.aclose(timeout), timeout)
         except concurrent.futures.TimeoutError:
             logger.error("whisperr: close() overran its %.1fs budget; giving up", timeout)
-            return FlushResult(delivered=0, dropped=0, pending=-1, timed_out=True)
+            stats = self._async.stats()
+            return FlushResult(0, 0, pending=stats.queued + stats.in_flight, timed_out=True)
         finally:
             self._stop_thread()
 
