@@ -33,3 +33,28 @@ async def use_module() -> None:
     flushed: whisperr.FlushResult = await whisperr.flush()
     closed: whisperr.FlushResult | None = await whisperr.shutdown()
     print(flushed, closed)
+
+
+def use_sync_client() -> None:
+    with whisperr.Client(api_key="wrk_x", max_concurrency=2) as client:
+        message_id: str = client.track("u", "job_done", {"id": 1})
+
+        @whisperr.flush_after(client, timeout=1.0)
+        def handler(job: int) -> int:
+            client.identify("u", phone="+15551234567")
+            return job
+
+        done: int = handler(3)
+        flushed: whisperr.FlushResult = client.flush(timeout=1)
+        stats: whisperr.Stats = client.stats()
+        print(message_id, done, flushed.pending, stats.batches_in_flight)
+
+
+async def use_testing_kit() -> None:
+    from whisperr.testing import Capture, FixedClock, TrackedEvent
+
+    capture = Capture(clock=FixedClock(0.0))
+    async with capture.client() as client:
+        client.track("u", "a_b")
+    event: TrackedEvent = capture.assert_tracked("a_b", user="u", count=1)
+    print(event.message_id, capture.events, capture.identifies)
