@@ -747,7 +747,7 @@ def _scheduler_here() -> Callable[[Callable[[], None]], object] | None:
     return token.run_sync_soon  # type: ignore[no-any-return]
 
 
-_dumps = orjson.dumps
+_dumps = orjson.dumps  # the one orjson call outside _events: inlined in track(), the hot path
 _next_id = ev.ready_ids.pop
 _live_clients: weakref.WeakSet[AsyncClient] = weakref.WeakSet()
 

@@ -1,4 +1,4 @@
-"""Capture-time validation and the JSON encoding of events and identifies (every orjson call)."""
+"""Capture-time validation and the JSON encoding of events and identifies (orjson lives here)."""
 
 from __future__ import annotations
 
