@@ -644,3 +644,24 @@ async def test_flush_during_an_auth_pause_attempts_new_events_too(
             result = await client.flush()
         assert (result.pending, result.timed_out) == (2, False)
         assert len(api.requests) == 3
+
+
+async def test_async_hook_receives_the_reports_made_at_close(
+    settings: dict[str, Any], api: Api
+) -> None:
+    """An async on_error hook is awaited for the drops that closing reports."""
+    got: list[whisperr.DeliveryReport] = []
+
+    async def hook(report: whisperr.DeliveryReport) -> None:
+        await anyio.lowlevel.checkpoint()
+        got.append(report)
+
+    api.default = 401
+    client = whisperr.AsyncClient(**settings, on_error=hook)
+    mid = client.track("u", "a_b")
+    await client.aclose(timeout=5)
+    assert [(r.type, r.reason) for r in got] == [
+        ("auth", "unauthorized"),
+        ("dropped", "unauthorized"),
+    ]
+    assert got[-1].message_ids == (mid,)

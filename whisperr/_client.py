@@ -35,6 +35,7 @@ logger = logging.getLogger("whisperr")
 _EVENT_OVERHEAD = 512
 _KNOWN_TYPES_CAP = 4096
 _NEVER = sys.maxsize
+_FINAL_HOOK_BUDGET = 1.0  # seconds an async on_error hook may take over the reports at close
 
 
 @attrs.define(eq=False)
@@ -388,9 +389,7 @@ class AsyncClient:
             await self._serve()
 
     async def _finish(self) -> None:
-        if self._closed:
-            self._account_undelivered()
-        self._ledger.report_capture_drops()
+        await self._final_reports()
         if self._http is not None and self._settings.http_client is None:
             await self._http.aclose()
         self._http = None
@@ -588,6 +587,16 @@ class AsyncClient:
 
     # -- accounting ---------------------------------------------------------------------------
 
+    async def _final_reports(self) -> None:
+        """Report what is left (everything, once closed); an async hook gets a second for them."""
+        with anyio.move_on_after(_FINAL_HOOK_BUDGET):
+            async with anyio.create_task_group() as tg:
+                self._ledger.spawn = tg.start_soon
+                if self._closed:
+                    self._account_undelivered()
+                self._ledger.report_capture_drops()
+        self._ledger.spawn = None
+
     def _account_undelivered(self) -> None:
         """At close: report everything not delivered, so that tracked == delivered + dropped."""
         leftovers: dict[str, list[ev.Item]] = {}
@@ -676,8 +685,7 @@ class AsyncClient:
                 with anyio.CancelScope(shield=True):
                     await done.wait()
         else:
-            self._account_undelivered()
-            self._ledger.report_capture_drops()
+            await self._final_reports()
         return self._result(before, timed_out=timed_out)
 
     async def __aenter__(self) -> AsyncClient:
