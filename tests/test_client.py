@@ -665,3 +665,81 @@ async def test_async_hook_receives_the_reports_made_at_close(
         ("dropped", "unauthorized"),
     ]
     assert got[-1].message_ids == (mid,)
+
+
+async def test_an_undecodable_2xx_body_is_retried_not_fatal(
+    settings: dict[str, Any], api: Api
+) -> None:
+    """An answer whose body cannot be decoded is a failed attempt: retried; the runner survives."""
+    api.script = [httpx.DecodingError("Error -3 while decompressing data")]
+    client = whisperr.AsyncClient(**settings)
+    mid = client.track("u", "a_b")
+    with anyio.fail_after(5):
+        result = await client.aclose()
+    assert ids(api) == [mid, mid]
+    assert (result.delivered, result.timed_out) == (1, False)
+
+
+async def test_the_runner_does_not_spin_while_a_batch_is_in_flight(
+    settings: dict[str, Any],
+) -> None:
+    """With the only slot busy and the interval passed, the runner waits instead of spinning."""
+    release = anyio.Event()
+
+    async def slow(request: httpx.Request) -> httpx.Response:
+        await release.wait()
+        return httpx.Response(202, json={})
+
+    settings["transport"] = httpx.MockTransport(slow)
+    passes = 0
+    original = whisperr.AsyncClient._ready_batch
+
+    def counting(self: whisperr.AsyncClient) -> Any:
+        nonlocal passes
+        passes += 1
+        return original(self)  # type: ignore[no-untyped-call]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(whisperr.AsyncClient, "_ready_batch", counting)
+        client = whisperr.AsyncClient(
+            **settings | {"flush_interval": 0.001}, max_batch_size=2, max_concurrency=1
+        )
+        client.track("u", "a_b")
+        for _ in range(3):
+            await anyio.lowlevel.checkpoint()  # the runner starts the interval for it
+        client.track("u", "a_b")  # two go out as a full batch and hang in the only slot;
+        client.track("u", "a_b")  # this one is due 1 ms later and must wait for that slot
+        with anyio.move_on_after(0.2):
+            await anyio.Event().wait()
+        busy_passes = passes
+        release.set()
+        await client.aclose(timeout=5)
+    assert busy_passes < 20
+
+
+def test_a_batch_cut_off_by_a_closed_loop_is_sent_again(settings: dict[str, Any], api: Api) -> None:
+    """A batch in flight when its loop is closed (not cancelled) is kept and delivered later."""
+    calls = 0
+
+    async def first_hangs(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            await asyncio.sleep(3600)
+        return httpx.Response(202, json={})
+
+    settings["transport"] = httpx.MockTransport(first_hangs)
+    client = whisperr.AsyncClient(**settings | {"flush_interval": 0.001})
+
+    async def track_then_leave() -> None:
+        client.track("u", "a_b")
+        await asyncio.sleep(0.05)  # the request is now hanging
+
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(track_then_leave())
+    loop.close()
+
+    result = asyncio.run(client.aclose(timeout=5))
+    stats = client.stats()
+    assert calls == 2
+    assert (stats.tracked, stats.delivered, stats.dropped, result.timed_out) == (1, 1, 0, False)

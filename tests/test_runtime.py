@@ -17,7 +17,7 @@ import anyio
 import pytest
 
 import whisperr
-from whisperr.server import LocalServer, create_app
+from whisperr.server import Fault, LocalServer, create_app
 
 from .conftest import API_KEY, Api
 
@@ -252,3 +252,20 @@ async def test_first_track_from_a_thread_starts_delivery(api: Api) -> None:
     finally:
         await whisperr.shutdown()
     assert [e["event_type"] for e in api.events] == ["from_sync_route"]
+
+
+def test_sync_client_stats_from_the_error_hook(server: LocalServer) -> None:
+    """Client.stats() called from the on_error hook (on the loop thread) does not deadlock."""
+    seen: list[int] = []
+    server.app.faults.script([Fault.status(400)])
+
+    def hook(report: whisperr.DeliveryReport) -> None:
+        seen.append(client.stats().dropped)
+
+    client = whisperr.Client(api_key=API_KEY, base_url=server.url, on_error=hook)
+    try:
+        client.track("u", "rejected_once")
+        result = client.flush(timeout=5)
+    finally:
+        client.close()
+    assert (seen, result.timed_out) == ([1], False)

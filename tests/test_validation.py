@@ -59,6 +59,8 @@ INVALID_TRACKS: list[tuple[dict[str, Any], str, str]] = [
     ({"message_id": 12}, "message_id", "non-empty string"),
     ({"context": {"$message_id": ""}}, "context.$message_id", "non-empty"),
     ({"properties": {"blob": "x" * 1_100_000}}, "properties", "bytes"),
+    ({"context": {"blob": "x" * 1_100_000}}, "properties and context", "bytes"),
+    ({"external_user_id": "u" * 1001}, "external_user_id", "at most 1000"),
 ]
 
 INVALID_IDENTIFIES: list[tuple[dict[str, Any], str, str]] = [

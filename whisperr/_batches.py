@@ -9,8 +9,8 @@ import attrs
 from . import _events as ev
 from ._ledger import Ledger
 
-# Bytes of the batch envelope around the events, `{"events":[...]}`, with slack.
-_ENVELOPE = 16
+# Bytes of the batch envelope around the events: `{"events":[` and `]}`.
+_ENVELOPE = len(ev.batch_body([]))
 
 
 @attrs.define(eq=False)
@@ -73,7 +73,7 @@ def take_batch(
             body = ev.encode_event(item, base_context)
             if len(body) + _ENVELOPE > max_bytes:
                 ledger.drop([item], "payload_too_large", "larger than max_batch_bytes")
-            elif size + len(body) + 1 > max_bytes:
+            elif size + len(body) + bool(items) > max_bytes:  # a comma before all but the first
                 queue.appendleft(item)  # it starts the next batch
                 taken -= 1
                 break

@@ -159,7 +159,11 @@ class AsyncClient:
             ClientClosedError: the client was closed.
         """
         try:
-            if type(external_user_id) is not str or not external_user_id:
+            if (
+                type(external_user_id) is not str
+                or not external_user_id
+                or len(external_user_id) > ev.MAX_USER_ID
+            ):
                 ev.check_user_id(external_user_id)
             if event_type not in self._known_types:
                 self._learn(event_type)
@@ -180,8 +184,9 @@ class AsyncClient:
                 stamp = shared if start <= stamp < end else self._share(stamp)
             else:
                 encoded_context, stamp, mid = self._extras(context, occurred_at, message_id)
-            if len(props) > self._max_event_bytes:
-                self._too_large(props, encoded_context)
+            size = len(props) if encoded_context is None else len(props) + len(encoded_context)
+            if size > self._max_event_bytes:
+                self._too_large(size, encoded_context is not None)
         except InvalidEventError as exc:
             if self._strict:
                 raise
@@ -195,9 +200,12 @@ class AsyncClient:
                 return mid
             self._drop_oldest()
         if encoded_context is None:
-            queue.append((external_user_id, event_type, stamp, props, mid))
+            item: ev.Item = (external_user_id, event_type, stamp, props, mid)
         else:
-            queue.append((external_user_id, event_type, stamp, props, mid, encoded_context))
+            item = (external_user_id, event_type, stamp, props, mid, encoded_context)
+        queue.append(item)
+        if not self._accepting:
+            self._retract(item)  # closed by another thread between the check and the append
         if len(queue) >= self._wake_at:
             self._kick()
         return mid
@@ -269,19 +277,26 @@ class AsyncClient:
             return encoded, stamp, ev.check_message_id(message_id)
         return encoded, stamp, context_id or ev.new_message_id()
 
-    def _too_large(self, props: bytes, context: bytes | None) -> None:
-        size = len(props) + len(context or b"")
-        if size > self._max_event_bytes:
-            raise InvalidEventError(
-                "properties",
-                f"the event encodes to {size} bytes; at most {self._max_event_bytes} fit in a "
-                f"request of max_batch_bytes={self._settings.max_batch_bytes}",
-            )
+    def _too_large(self, size: int, with_context: bool) -> None:
+        field = "properties and context" if with_context else "properties"
+        raise InvalidEventError(
+            field,
+            f"encode to {size} bytes; at most {self._max_event_bytes} fit in a request of "
+            f"max_batch_bytes={self._settings.max_batch_bytes}",
+        )
 
     def _not_accepting(self, message_id: str) -> str:
-        if self._closed or self._closing:
+        if self._closed:
             raise ClientClosedError("this whisperr client is closed; it takes no more events")
         return message_id  # disabled: validated, then discarded by design
+
+    def _retract(self, item: ev.Item) -> None:
+        with self._lock:
+            try:
+                self._queue.remove(item)
+            except ValueError:
+                return  # closing took it already: it is delivered or reported like the rest
+        raise ClientClosedError("this whisperr client is closed; it takes no more events")
 
     def _refuse_invalid(self, exc: InvalidEventError) -> str:
         logger.warning("whisperr: invalid event dropped: %s", exc)
@@ -347,16 +362,22 @@ class AsyncClient:
         self._call_soon = call_soon
 
     def _ensure_running(self) -> None:
-        if self._running and self._loop is not None and self._loop.is_closed():
-            self._forget_runner()  # its loop was closed under it without cancelling it
+        self._forget_dead_runner()
         if not self._running and not self._start():
             raise RuntimeError("whisperr: flush() and aclose() must run inside an event loop")
 
+    def _forget_dead_runner(self) -> None:
+        if self._running and self._loop is not None and self._loop.is_closed():
+            self._forget_runner()  # its loop was closed under it without cancelling it
+
     def _forget_runner(self) -> None:
         """Drop the runner state of a dead event loop or of the parent process; keep the queue."""
-        self._running = self._closing = False
+        self._running = False
+        self._closing = self._closed
         self._loop = self._call_soon = self._ledger.spawn = self._wakeup = self._http = None
         self._runner_done = None
+        for batch in list(self._in_flight):  # cut off mid-request: kept, sent again
+            self._retain(batch)
         self._in_flight.clear()
         self._wake_at = 1
 
@@ -375,11 +396,15 @@ class AsyncClient:
             with anyio.CancelScope() as self._runner_scope:
                 await self._serve()
         finally:
-            with anyio.CancelScope(shield=True):
-                if not self._closing:  # the event loop is ending without aclose()
-                    await self._last_attempt()
-                await self._finish()
-            done.set()
+            try:
+                with anyio.CancelScope(shield=True):
+                    try:
+                        if not self._closing:  # the event loop is ending without aclose()
+                            await self._last_attempt()
+                    finally:
+                        await self._finish()
+            finally:
+                done.set()
 
     async def _last_attempt(self) -> None:
         logger.info("whisperr: event loop ending without aclose(); delivering what is queued")
@@ -476,7 +501,10 @@ class AsyncClient:
         if self._queue and self._timer_start is not None:
             deadlines.append(self._timer_start + self._settings.flush_interval - now)
         self._wake_at = 1 if not self._queue else self._settings.max_batch_size
-        return max(0.0, min(deadlines)) if deadlines else None
+        # A deadline already passed, yet no batch was ready: something in flight holds the next
+        # one back, and its end wakes the runner. Sleeping 0 would spin.
+        ahead = [d for d in deadlines if d > 0]
+        return min(ahead) if ahead else None
 
     async def _wait(self, timeout: float | None) -> None:
         self._wakeup = anyio.Event()
@@ -511,6 +539,10 @@ class AsyncClient:
         outcome: Outcome | None = None
         try:
             outcome = await self._attempts(batch)
+        except Exception:
+            logger.exception("whisperr: unexpected error while delivering; the batch is kept")
+            self._failures += 1
+            self._pause()
         finally:
             self._in_flight.discard(batch)
             if outcome is None:  # cancelled mid-request: keep it, it may be retried
@@ -526,9 +558,7 @@ class AsyncClient:
         body = batch.bodies[0] if batch.identify else ev.batch_body(batch.bodies)
         attempt = 0
         while True:
-            outcome = await post(
-                self._http, url, s.api_key or "", body, s.request_timeout, s.clock()
-            )
+            outcome = await post(self._http, url, s.api_key or "", body, s.request_timeout, s.clock)
             self._failures = self._failures + 1 if outcome.kind in ("retry", "auth") else 0
             if outcome.kind != "retry" or attempt >= s.max_retries:
                 return outcome
@@ -544,15 +574,16 @@ class AsyncClient:
     def _settle(self, batch: Batch, outcome: Outcome) -> None:
         count = len(batch.items)
         if outcome.kind == "ok":
-            self._ledger.delivered += count - min(outcome.rejected, count)
+            rejected = min(outcome.rejected, count)
+            self._ledger.delivered += count - rejected
             self._pause_level = 0
-            if outcome.rejected:
+            if rejected:
                 self._ledger.report(
                     "dropped",
                     "partially_rejected",
-                    f"the server rejected {outcome.rejected} of {count} events in a batch",
+                    f"the server rejected {rejected} of {count} events in a batch",
                     outcome.status,
-                    min(outcome.rejected, count),
+                    rejected,
                     (),
                 )
         elif outcome.kind == "too_large" and count > 1:
@@ -603,10 +634,12 @@ class AsyncClient:
         for batch in self._retained:
             leftovers.setdefault(batch.failure, []).extend(batch.items)
         self._retained.clear()
-        if self._queue:
-            leftovers.setdefault("shutdown", []).extend(self._queue)
-            self._taken += len(self._queue)
+        with self._lock:  # against track() racing close from another thread
+            queued = list(self._queue)
+            self._taken += len(queued)
             self._queue.clear()
+        if queued:
+            leftovers.setdefault("shutdown", []).extend(queued)
         for reason, items in leftovers.items():
             self._ledger.drop(items, reason, "not delivered before the client closed")
 
@@ -668,8 +701,9 @@ class AsyncClient:
             self._accepting = False
             self._closed = self._closing = True
             self._round += 1
-            if self._queue or self._retained:
-                self._ensure_running()
+        self._forget_dead_runner()
+        if self._queue or self._retained:
+            self._ensure_running()
         done = self._runner_done
         timed_out = False
         if self._running and done is not None:  # also when an earlier aclose() was cancelled

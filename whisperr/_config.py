@@ -62,10 +62,6 @@ def _normalise_url(url: str) -> str:
     return url.rstrip("/")
 
 
-def _int(raw: str) -> int:
-    return int(raw)
-
-
 def _bool(raw: str) -> bool:
     value = raw.strip().lower()
     if value in {"1", "true", "yes", "on"}:
@@ -177,17 +173,17 @@ _ENV_FIELDS: dict[str, Callable[[str], Any]] = {
     "api_key": str,
     "base_url": str,
     "app_version": str,
-    "max_batch_size": _int,
-    "max_batch_bytes": _int,
+    "max_batch_size": int,
+    "max_batch_bytes": int,
     "flush_interval": float,
-    "max_queue_size": _int,
+    "max_queue_size": int,
     "overflow": str,
-    "max_retries": _int,
+    "max_retries": int,
     "backoff_base": float,
     "backoff_cap": float,
     "request_timeout": float,
     "shutdown_timeout": float,
-    "max_concurrency": _int,
+    "max_concurrency": int,
     "strict": _bool,
     "disabled": _bool,
     "allow_insecure_http": _bool,

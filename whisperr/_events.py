@@ -23,6 +23,7 @@ _RFC3339 = re.compile(
 MAX_FUTURE = 5 * 60.0
 MAX_PAST = 30 * 86400.0
 MAX_MESSAGE_ID = 200
+MAX_USER_ID = 1000  # not published by the API; long enough for any id, short enough to batch
 MAX_TRAITS_BYTES = 50_000
 MAX_CHANNELS = 10
 CHANNEL_TYPES = frozenset({"email", "sms", "push"})
@@ -40,6 +41,8 @@ def check_user_id(value: object) -> str:
     """Return ``value`` if it is a non-empty string, else raise."""
     if not isinstance(value, str) or not value:
         raise InvalidEventError("external_user_id", f"must be a non-empty string, got {value!r}")
+    if len(value) > MAX_USER_ID:
+        raise InvalidEventError("external_user_id", f"must be at most {MAX_USER_ID} characters")
     return value
 
 

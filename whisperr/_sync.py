@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from types import TracebackType
 from typing import Any, ParamSpec, TypeVar, final
 
-from ._client import AsyncClient
+from ._client import _FINAL_HOOK_BUDGET, AsyncClient
 from ._config import Settings
 from ._errors import ClientClosedError
 from ._models import FlushResult, Stats
@@ -23,8 +23,9 @@ T = TypeVar("T")
 R = TypeVar("R")
 P = ParamSpec("P")
 logger = logging.getLogger("whisperr")
-# Slack on top of a caller's timeout for the hop to the loop thread and back.
-_MARGIN = 1.0
+# Slack on top of a caller's timeout for the hop to the loop thread and back, and for an async
+# on_error hook to take the reports made at close.
+_MARGIN = 1.0 + _FINAL_HOOK_BUDGET
 
 
 @final
@@ -112,20 +113,28 @@ class Client:
             timeout = self._async.settings.shutdown_timeout
         if self._loop is None or self._pid != os.getpid():
             self._ensure_thread(starting_close=True)
+        before = self._async.stats()
         try:
             return self._call(self._async.aclose(timeout), timeout)
         except concurrent.futures.TimeoutError:
             logger.error("whisperr: close() overran its %.1fs budget; giving up", timeout)
-            stats = self._async.stats()
-            return FlushResult(0, 0, pending=stats.queued + stats.in_flight, timed_out=True)
+            now = self._async.stats()
+            return FlushResult(
+                delivered=now.delivered - before.delivered,
+                dropped=now.dropped - before.dropped,
+                pending=now.queued + now.in_flight,
+                timed_out=True,
+            )
         finally:
             self._stop_thread()
 
     def stats(self) -> Stats:
         """A frozen snapshot of the counters; see :meth:`AsyncClient.stats`."""
-        loop = self._loop
+        loop, thread = self._loop, self._thread
         if loop is None or self._closed or not loop.is_running():
             return self._async.stats()
+        if thread is not None and threading.get_ident() == thread.ident:
+            return self._async.stats()  # e.g. from the on_error hook, on the loop thread
         return self._call(_call_async(self._async.stats), None)
 
     def __enter__(self) -> Client:

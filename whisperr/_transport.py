@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from email.utils import parsedate_to_datetime
 from typing import Literal
 
@@ -83,9 +84,14 @@ def classify(response: httpx.Response, now: float, batch: bool) -> Outcome:
 
 
 async def post(
-    client: httpx.AsyncClient, url: str, api_key: str, body: bytes, timeout: float, now: float
+    client: httpx.AsyncClient,
+    url: str,
+    api_key: str,
+    body: bytes,
+    timeout: float,
+    clock: Callable[[], float],
 ) -> Outcome:
-    """Send one request; translate every transport failure into a retry outcome."""
+    """Send one request; translate every failure to get an answer into a retry outcome."""
     headers = {
         "X-API-Key": api_key,
         "Content-Type": "application/json",
@@ -97,8 +103,8 @@ async def post(
         )
     except httpx.TimeoutException as exc:
         return Outcome("retry", "timeout", f"the request timed out ({type(exc).__name__}: {exc})")
-    except httpx.TransportError as exc:
+    except httpx.RequestError as exc:  # transport errors, and a body that does not decode
         return Outcome(
             "retry", "network_error", f"the request failed ({type(exc).__name__}: {exc})"
         )
-    return classify(response, now, batch=url.endswith("/batch"))
+    return classify(response, clock(), batch=url.endswith("/batch"))
