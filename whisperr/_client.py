@@ -35,6 +35,7 @@ logger = logging.getLogger("whisperr")
 _EVENT_OVERHEAD = 512
 _KNOWN_TYPES_CAP = 4096
 _NEVER = sys.maxsize
+_CLOSED = "this whisperr client is closed; it takes no more events"
 _FINAL_HOOK_BUDGET = 1.0  # seconds an async on_error hook may take over the reports at close
 
 
@@ -191,23 +192,10 @@ class AsyncClient:
             if self._strict:
                 raise
             return self._refuse_invalid(exc)
-        if not self._accepting:
-            return self._not_accepting(mid)
-        queue = self._queue
-        if len(queue) >= self._max_queue:
-            if self._drop_newest:
-                self._refuse("queue_overflow", mid)
-                return mid
-            self._drop_oldest()
         if encoded_context is None:
-            item: ev.Item = (external_user_id, event_type, stamp, props, mid)
+            self._enqueue((external_user_id, event_type, stamp, props, mid))
         else:
-            item = (external_user_id, event_type, stamp, props, mid, encoded_context)
-        queue.append(item)
-        if not self._accepting:
-            self._retract(item)  # closed by another thread between the check and the append
-        if len(queue) >= self._wake_at:
-            self._kick()
+            self._enqueue((external_user_id, event_type, stamp, props, mid, encoded_context))
         return mid
 
     def identify(
@@ -242,16 +230,24 @@ class AsyncClient:
                 raise
             self._refuse_invalid(exc)
             return
+        self._enqueue((external_user_id, None, self._clock(), body, ""))
+
+    def _enqueue(self, item: ev.Item) -> None:
+        """Append a captured message, within the queue's bound, and wake the runner if due."""
         if not self._accepting:
-            self._not_accepting("")
-            return
-        if len(self._queue) >= self._max_queue:
+            if self._closed:
+                raise ClientClosedError(_CLOSED)
+            return  # disabled: validated, then discarded by design
+        queue = self._queue
+        if len(queue) >= self._max_queue:
             if self._drop_newest:
-                self._refuse("queue_overflow", "")
+                self._refuse("queue_overflow", item[4])
                 return
             self._drop_oldest()
-        self._queue.append((external_user_id, None, self._clock(), body, ""))
-        if len(self._queue) >= self._wake_at:
+        queue.append(item)
+        if not self._accepting:
+            self._retract(item)  # closed by another thread between the check and the append
+        if len(queue) >= self._wake_at:
             self._kick()
 
     def _share(self, stamp: float) -> float:
@@ -285,18 +281,13 @@ class AsyncClient:
             f"max_batch_bytes={self._settings.max_batch_bytes}",
         )
 
-    def _not_accepting(self, message_id: str) -> str:
-        if self._closed:
-            raise ClientClosedError("this whisperr client is closed; it takes no more events")
-        return message_id  # disabled: validated, then discarded by design
-
     def _retract(self, item: ev.Item) -> None:
         with self._lock:
             try:
                 self._queue.remove(item)
             except ValueError:
                 return  # closing took it already: it is delivered or reported like the rest
-        raise ClientClosedError("this whisperr client is closed; it takes no more events")
+        raise ClientClosedError(_CLOSED)
 
     def _refuse_invalid(self, exc: InvalidEventError) -> str:
         logger.warning("whisperr: invalid event dropped: %s", exc)
@@ -326,8 +317,7 @@ class AsyncClient:
         if not self._running and not self._start():
             return
         self._wake_at = _NEVER
-        if self._wakeup is not None:
-            self._wakeup.set()
+        self._notify()
 
     def _kick_from_thread(self) -> None:
         call_soon = self._call_soon

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from types import TracebackType
 from typing import Any, ParamSpec, TypeVar, final
 
-from ._client import _FINAL_HOOK_BUDGET, AsyncClient
+from ._client import _CLOSED, _FINAL_HOOK_BUDGET, AsyncClient
 from ._config import Settings
 from ._errors import ClientClosedError
 from ._models import FlushResult, Stats
@@ -154,7 +154,7 @@ class Client:
             return
         with self._lock:
             if self._closed and not starting_close:
-                raise ClientClosedError("this whisperr client is closed; it takes no more events")
+                raise ClientClosedError(_CLOSED)
             if self._loop is not None and self._pid == os.getpid():
                 return
             self._pid = os.getpid()  # a forked child starts its own loop thread
