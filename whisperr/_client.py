@@ -24,6 +24,7 @@ from . import _events as ev
 from ._batches import Batch, take_batch
 from ._config import Settings
 from ._errors import ClientClosedError, InvalidEventError
+from ._http11 import Http1Transport
 from ._ledger import Ledger
 from ._models import FlushResult, ReportType, Stats
 from ._transport import SDK_NAME, Outcome, backoff, post
@@ -374,13 +375,9 @@ class AsyncClient:
     async def _run(self) -> None:
         done = self._runner_done
         assert done is not None
-        self._http = self._settings.http_client or httpx.AsyncClient(
-            transport=self._settings.transport,
-            limits=httpx.Limits(
-                max_connections=self._settings.max_concurrency,
-                max_keepalive_connections=self._settings.max_concurrency,
-            ),
-            trust_env=False,
+        s = self._settings
+        self._http = s.http_client or httpx.AsyncClient(
+            transport=s.transport or Http1Transport(max_idle=s.max_concurrency), trust_env=False
         )
         try:
             with anyio.CancelScope() as self._runner_scope:

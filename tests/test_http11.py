@@ -1,0 +1,236 @@
+"""The default transport against a scripted HTTP server on 127.0.0.1, under asyncio and trio."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import anyio.abc
+import attrs
+import h11
+import httpx
+import pytest
+import trustme
+from anyio.streams.tls import TLSListener
+
+import whisperr
+from whisperr._http11 import MAX_ANSWER_BYTES, Http1Transport
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def answer(status: int = 202, body: bytes = b'{"ok":true}', headers: bytes = b"") -> bytes:
+    return b"HTTP/1.1 %d X\r\ncontent-type: application/json\r\ncontent-length: %d\r\n%b\r\n%b" % (
+        status,
+        len(body),
+        headers,
+        body,
+    )
+
+
+HANG, DROP = "hang", "drop"  # never answer; close without answering
+CHUNKED = (
+    b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+)
+
+
+@attrs.define
+class Server:
+    """Reads one request at a time and plays the next step of ``script``.
+
+    A step is raw answer bytes, HANG or DROP; ``close_after`` closes the connection after
+    answering. Without a script step every request gets ``answer()``.
+    """
+
+    script: list[bytes | str] = attrs.field(factory=list)
+    close_after: bool = False
+    connections: int = 0
+    requests: list[h11.Request] = attrs.field(factory=list)
+    received: anyio.Event = attrs.field(factory=anyio.Event)
+    closed: anyio.Event = attrs.field(factory=anyio.Event)
+    url: str = ""
+
+    async def handle(self, stream: anyio.abc.ByteStream) -> None:
+        self.connections += 1
+        async with stream:
+            while await self._read_request(stream):
+                self.received.set()
+                step = self.script.pop(0) if self.script else answer()
+                if step == HANG:
+                    await anyio.sleep_forever()
+                if step == DROP:
+                    break
+                assert isinstance(step, bytes)
+                await stream.send(step)
+                if self.close_after:
+                    break
+        self.closed.set()
+
+    async def _read_request(self, stream: anyio.abc.ByteStream) -> bool:
+        conn = h11.Connection(h11.SERVER)  # one request a connection at a time: no pipelining
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                try:
+                    conn.receive_data(await stream.receive())
+                except (anyio.EndOfStream, anyio.BrokenResourceError):
+                    return False
+            elif isinstance(event, h11.Request):
+                self.requests.append(event)
+            elif isinstance(event, h11.EndOfMessage):
+                return True
+
+
+@asynccontextmanager
+async def serving(server: Server, tls: ssl.SSLContext | None = None) -> AsyncIterator[Server]:
+    listener: Any = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    if tls is not None:
+        listener = TLSListener(listener, tls, standard_compatible=False)
+    server.url = f"{'https' if tls else 'http'}://{'localhost' if tls else '127.0.0.1'}:{port}"
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, server.handle)
+        try:
+            yield server
+        finally:
+            tg.cancel_scope.cancel()
+
+
+def client(**kwargs: Any) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=Http1Transport(max_idle=4, **kwargs), trust_env=False)
+
+
+async def post(http: httpx.AsyncClient, url: str, **kwargs: Any) -> httpx.Response:
+    return await http.post(url + "/v1/events/batch", content=b'{"events":[]}', **kwargs)
+
+
+async def test_sequential_requests_share_one_connection() -> None:
+    async with serving(Server()) as server, client() as http:
+        for _ in range(3):
+            response = await post(http, server.url)
+            assert (response.status_code, response.json()) == (202, {"ok": True})
+    assert server.connections == 1
+    assert [r.target for r in server.requests] == [b"/v1/events/batch"] * 3
+    assert (b"content-length", b"13") in server.requests[0].headers
+
+
+async def test_a_connection_the_server_closed_while_idle_is_replaced() -> None:
+    async with serving(Server(close_after=True)) as server, client() as http:
+        assert (await post(http, server.url)).status_code == 202
+        await server.closed.wait()
+        assert (await post(http, server.url)).status_code == 202
+    assert server.connections == 2
+
+
+async def test_connection_close_answer_is_not_reused() -> None:
+    script: list[bytes | str] = [answer(headers=b"connection: close\r\n"), answer()]
+    async with serving(Server(script)) as server, client() as http:
+        assert (await post(http, server.url)).status_code == 202
+        assert (await post(http, server.url)).status_code == 202
+    assert server.connections == 2
+
+
+async def test_chunked_answer_is_read_whole() -> None:
+    async with serving(Server([CHUNKED])) as server, client() as http:
+        response = await post(http, server.url)
+    assert response.content == b"hello world"
+
+
+async def test_no_answer_is_a_remote_protocol_error_and_the_next_request_reconnects() -> None:
+    async with serving(Server([DROP])) as server, client() as http:
+        with pytest.raises(httpx.RemoteProtocolError, match="closed the connection"):
+            await post(http, server.url)
+        assert (await post(http, server.url)).status_code == 202
+    assert server.connections == 2
+
+
+async def test_a_silent_server_is_a_read_timeout() -> None:
+    async with serving(Server([HANG])) as server, client() as http:
+        with anyio.fail_after(5), pytest.raises(httpx.ReadTimeout):
+            await post(http, server.url, timeout=0.05)
+
+
+async def test_refused_connection_is_a_connect_error() -> None:
+    with socket.socket() as sock:  # bound, never listening: connects are refused
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        async with client() as http:
+            with pytest.raises(httpx.ConnectError, match=f"127.0.0.1:{port}"):
+                await post(http, f"http://127.0.0.1:{port}")
+
+
+async def test_an_oversized_answer_is_refused() -> None:
+    huge = answer(body=b"x" * (MAX_ANSWER_BYTES + 1))
+    async with serving(Server([huge])) as server, client() as http:
+        with pytest.raises(httpx.RemoteProtocolError, match="larger than"):
+            await post(http, server.url)
+        assert (await post(http, server.url)).status_code == 202
+    assert server.connections == 2
+
+
+async def test_a_cancelled_request_does_not_return_its_connection() -> None:
+    async with serving(Server([HANG])) as server, client() as http:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(post, http, server.url)
+            await server.received.wait()
+            tg.cancel_scope.cancel()
+        assert (await post(http, server.url)).status_code == 202
+    assert server.connections == 2
+
+
+async def test_redirects_are_returned_not_followed() -> None:
+    redirect = answer(302, b"", b"location: http://127.0.0.1:9/elsewhere\r\n")
+    async with serving(Server([redirect])) as server, client() as http:
+        response = await post(http, server.url, headers={"X-API-Key": "k"})
+    assert response.status_code == 302
+    assert len(server.requests) == 1
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+def server_tls(ca: trustme.CA) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost").configure_cert(context)
+    return context
+
+
+async def test_https_with_a_trusted_certificate(ca: trustme.CA) -> None:
+    trusted = ssl.create_default_context()
+    ca.configure_trust(trusted)
+    async with serving(Server(), tls=server_tls(ca)) as server, client(ssl_context=trusted) as http:
+        assert (await post(http, server.url)).status_code == 202
+        assert (await post(http, server.url)).status_code == 202
+    assert server.connections == 1
+
+
+async def test_https_refuses_a_certificate_it_does_not_trust(ca: trustme.CA) -> None:
+    async with serving(Server(), tls=server_tls(ca)) as server, client() as http:
+        with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+            await post(http, server.url)
+    assert server.requests == []
+
+
+async def test_the_sdk_sends_its_batches_over_one_kept_alive_connection() -> None:
+    key = "wrk_test_secret_key_0123456789"
+    async with (
+        serving(Server()) as server,
+        whisperr.AsyncClient(api_key=key, base_url=server.url) as sdk,
+    ):
+        for i in range(3):
+            sdk.track(f"user_{i}", "payment_failed")
+            assert (await sdk.flush(timeout=5)).delivered == 1
+    assert server.connections == 1
+    assert len(server.requests) == 3
+    assert all((b"x-api-key", key.encode()) in r.headers for r in server.requests)
