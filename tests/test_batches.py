@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 
 from whisperr import _events
@@ -19,7 +20,7 @@ def item(padding: int) -> _events.Item:
 def test_an_event_that_fills_the_request_exactly_is_taken() -> None:
     """An event whose batch body is exactly max_bytes is sent alone, not pushed back forever."""
     limit = 4096
-    bare = len(_events.batch_body([_events.encode_event(item(0), BASE)]))
+    bare = len(_events.batch_body([_events.encode_event(item(0), _events.context_tail(BASE))]))
     queue = deque([item(limit - bare), item(0)])
     batch, taken = take_batch(
         queue, 0, max_size=500, max_bytes=limit, base_context=BASE, now=NOW, ledger=Ledger(None)
@@ -32,7 +33,7 @@ def test_an_event_that_fills_the_request_exactly_is_taken() -> None:
 def test_an_event_one_byte_too_large_is_dropped_and_reported() -> None:
     """An event whose body alone exceeds max_bytes is dropped with reason payload_too_large."""
     limit = 4096
-    bare = len(_events.batch_body([_events.encode_event(item(0), BASE)]))
+    bare = len(_events.batch_body([_events.encode_event(item(0), _events.context_tail(BASE))]))
     ledger = Ledger(None)
     queue = deque([item(limit - bare + 1)])
     batch, taken = take_batch(
@@ -40,3 +41,44 @@ def test_an_event_one_byte_too_large_is_dropped_and_reported() -> None:
     )
     assert (batch, taken) == (None, 1)
     assert ledger.dropped == {"payload_too_large": 1}
+
+
+def drain(queue: deque[_events.Item], limit: int, ledger: Ledger) -> list[list[_events.Item]]:
+    batches = []
+    while queue:
+        batch, _ = take_batch(
+            queue, 0, max_size=500, max_bytes=limit, base_context=BASE, now=NOW, ledger=ledger
+        )
+        if batch is not None:
+            assert len(_events.batch_body(batch.bodies)) <= limit
+            batches.append(batch.items)
+    return batches
+
+
+def test_batches_are_as_full_as_the_byte_limit_allows_and_keep_the_order() -> None:
+    events = [item(n % 37) for n in range(300)]
+    limit = 4096
+    batches = drain(deque(events), limit, Ledger(None))
+    assert [e for b in batches for e in b] == events
+    tail = _events.context_tail(BASE)
+    for this, following in itertools.pairwise(batches):
+        bodies = [_events.encode_event(e, tail) for e in [*this, following[0]]]
+        assert len(_events.batch_body(bodies)) > limit  # the next event would not have fit
+
+
+def test_batches_hold_at_most_max_size_events() -> None:
+    assert [len(b) for b in drain(deque([item(0)] * 1200), 1_000_000, Ledger(None))] == [
+        500,
+        500,
+        200,
+    ]
+
+
+def test_identifies_go_alone_and_expired_events_are_dropped_in_place() -> None:
+    ledger = Ledger(None)
+    expired = ("u", "a_b", NOW - _events.MAX_PAST, b"{}", "old")
+    identify = ("u", None, NOW, b'{"external_user_id":"u"}', "")
+    queue = deque([item(1), expired, item(2), identify, item(3), item(4)])
+    batches = drain(queue, 1_000_000, ledger)
+    assert batches == [[item(1), item(2)], [identify], [item(3), item(4)]]
+    assert ledger.dropped == {"expired": 1}

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections import deque
+from itertools import accumulate, islice
+from operator import itemgetter
 
 import attrs
 
@@ -11,6 +14,7 @@ from ._ledger import Ledger
 
 # Bytes of the batch envelope around the events: `{"events":[` and `]}`.
 _ENVELOPE = len(ev.batch_body([]))
+_EVENT_TYPE, _STAMP = itemgetter(1), itemgetter(2)
 
 
 @attrs.define(eq=False)
@@ -56,33 +60,51 @@ def take_batch(
 
     Tracks already older than the server's 30-day window, or too large alone, are dropped (and
     reported) instead. Returns the batch (None if everything taken was dropped) and how many
-    items left the queue.
+    items left the queue. The caller holds the lock that other threads take to pop the queue.
     """
-    first = queue.popleft()
-    if first[1] is None:
+    if queue[0][1] is None:
+        first = queue.popleft()
         return Batch([first], [first[3]], identify=True, first=position), 1
     oldest = now - ev.MAX_PAST + 60.0
+    tail = ev.context_tail(base_context)
+    encode, take = ev.encode_event, queue.popleft
+    # The common case, its per-event checks done by C loops: up to max_size tracks with no
+    # identify among them and none expired; as many as fit in max_bytes go.
+    front = list(islice(queue, max_size))
+    if None not in map(_EVENT_TYPE, front) and min(map(_STAMP, front)) >= oldest:
+        encoded = [encode(item, tail) for item in front]
+        # ends[k]: the bytes of the first k events with a comma each (one more than they take
+        # in a request, where the first has none)
+        ends = list(accumulate(map(len, encoded), lambda total, n: total + n + 1, initial=0))
+        fit = bisect_right(ends, max_bytes - _ENVELOPE + 1, lo=1) - 1
+        if fit:  # else the first event is too large alone: the loop below drops it
+            for _ in range(fit):
+                take()
+            return Batch(front[:fit], encoded[:fit], identify=False, first=position), fit
     items: list[ev.Item] = []
     bodies: list[bytes] = []
-    size, taken = _ENVELOPE, 1
-    item = first
-    while True:
+    # Each event adds its length and a comma; the first one's comma pays for the envelope's.
+    size, taken = _ENVELOPE - 1, 0
+    while queue and len(items) < max_size:
+        item = queue[0]
+        if item[1] is None:
+            break  # an identify: it goes alone, after this batch
         if item[2] < oldest:
+            take()
+            taken += 1
             ledger.drop([item], "expired", "older than the server's 30-day window")
-        else:
-            body = ev.encode_event(item, base_context)
-            if len(body) + _ENVELOPE > max_bytes:
-                ledger.drop([item], "payload_too_large", "larger than max_batch_bytes")
-            elif size + len(body) + bool(items) > max_bytes:  # a comma before all but the first
-                queue.appendleft(item)  # it starts the next batch
-                taken -= 1
-                break
-            else:
-                items.append(item)
-                bodies.append(body)
-                size += len(body) + 1
-        if len(items) >= max_size or not queue or queue[0][1] is None:
-            break
-        item = queue.popleft()
+            continue
+        body = encode(item, tail)
+        if size + len(body) + 1 > max_bytes:
+            if items:
+                break  # it starts the next batch
+            take()
+            taken += 1
+            ledger.drop([item], "payload_too_large", "larger than max_batch_bytes")
+            continue
+        take()
         taken += 1
+        items.append(item)
+        bodies.append(body)
+        size += len(body) + 1
     return (Batch(items, bodies, identify=False, first=position) if items else None), taken

@@ -199,25 +199,39 @@ def _stamp_bytes(stamp: float) -> bytes:
         return encoded
 
 
-def encode_event(item: Item, base: bytes) -> bytes:
-    """The wire form of one queued track event, assembled from the pieces encoded at capture."""
-    user_id, event_type, stamp, properties, message_id = item[:5]
-    context = item[5] if len(item) > 5 else base
-    return b"".join(
-        (
-            b'{"external_user_id":',
-            orjson.dumps(user_id),
-            b',"event_type":"',
-            event_type.encode(),  # type: ignore[union-attr]  # validated: [a-z0-9_]+
-            b'","occurred_at":"',
-            _stamp_bytes(stamp),
-            b'","properties":',
-            properties,
-            b',"context":{"$message_id":',
-            orjson.dumps(message_id),
-            b"}" if context == b"{}" else b"," + context[1:],
-            b"}",
-        )
+_EVENT = (
+    b'{"external_user_id":%b,"event_type":"%b","occurred_at":"%b","properties":%b,'
+    b'"context":{"$message_id":%b%b}'
+)
+
+
+def context_tail(context: bytes) -> bytes:
+    """What follows the message id in an event's context: ``context`` encoded, minus its ``{``."""
+    return b"}" if context == b"{}" else b"," + context[1:]
+
+
+def encode_event(item: Item, base_tail: bytes) -> bytes:
+    """The wire form of one queued track event, assembled from the pieces encoded at capture.
+
+    ``base_tail`` is the :func:`context_tail` of the SDK's context, for events without their own.
+    """
+    if len(item) == 5:
+        user_id, event_type, stamp, properties, message_id = item
+        tail = base_tail
+    else:
+        user_id, event_type, stamp, properties, message_id, context = item
+        tail = context_tail(context)
+    try:
+        occurred_at = _stamps[stamp]
+    except KeyError:
+        occurred_at = _stamp_bytes(stamp)
+    return _EVENT % (
+        orjson.dumps(user_id),
+        event_type.encode(),  # type: ignore[union-attr]  # validated: [a-z0-9_]+
+        occurred_at,
+        properties,
+        orjson.dumps(message_id),
+        tail,
     )
 
 
