@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from datetime import datetime, timezone
 from email.utils import format_datetime
 from typing import Any
@@ -45,6 +46,18 @@ class TestCapture:
             clock.now += 3600
             await client.flush()
         assert api.events[0]["occurred_at"] == "2026-06-14T12:00:00.123Z"
+
+    async def test_message_ids_are_distinct_random_uuids(
+        self, settings: dict[str, Any], api: Api
+    ) -> None:
+        """Generated $message_ids are distinct version 4 UUIDs, sent as track() returned them."""
+        async with whisperr.AsyncClient(**settings) as client:
+            returned = [client.track("u", "a_b") for _ in range(1000)]  # several id buffers
+        assert ids(api) == returned
+        assert len(set(returned)) == 1000
+        for value in returned:
+            parsed = uuid.UUID(value)
+            assert (str(parsed), parsed.version, parsed.variant) == (value, 4, uuid.RFC_4122)
 
     async def test_mutation_after_track_is_not_sent(
         self, settings: dict[str, Any], api: Api
