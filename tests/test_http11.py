@@ -195,6 +195,68 @@ async def test_redirects_are_returned_not_followed() -> None:
     assert len(server.requests) == 1
 
 
+async def test_an_http_1_0_answer_without_length_runs_to_the_close_and_is_not_reused() -> None:
+    script: list[bytes | str] = [b"HTTP/1.0 200 OK\r\ncontent-type: text/plain\r\n\r\nall of it"]
+    async with serving(Server(script, close_after=True)) as server, client() as http:
+        assert (await post(http, server.url)).content == b"all of it"
+        assert (await post(http, server.url)).status_code == 202
+    assert server.connections == 2
+
+
+async def test_informational_answers_are_skipped() -> None:
+    script: list[bytes | str] = [b"HTTP/1.1 100 Continue\r\n\r\n" + answer(201, b"{}")]
+    async with serving(Server(script)) as server, client() as http:
+        response = await post(http, server.url)
+    assert (response.status_code, response.content) == (201, b"{}")
+
+
+async def test_chunk_extensions_and_trailers_are_read_past() -> None:
+    chunked = (
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+        b"3;name=value\r\nabc\r\n0\r\nx-trailer: 1\r\n\r\n"
+    )
+    async with serving(Server([chunked])) as server, client() as http:
+        assert (await post(http, server.url)).content == b"abc"
+        assert (await post(http, server.url)).status_code == 202
+    assert server.connections == 1
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (b"HTTP/2 200 OK\r\n\r\n", "malformed status line"),
+        (b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n", "malformed header line"),
+        (b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\nab", "Content-Length"),
+        (b"HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n", "Content-Length"),
+        (b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n", "Transfer-Encoding"),
+        (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n", "chunk size"),
+        (b"HTTP/1.1 200 OK\r\nx: " + b"a" * (1 << 17), "head over"),
+        (b"HTTP/1.1 101 Switching Protocols\r\n\r\n", "switched protocols"),
+    ],
+)
+async def test_malformed_answers_are_protocol_errors(raw: bytes, message: str) -> None:
+    async with serving(Server([raw])) as server, client() as http:
+        with pytest.raises(httpx.RemoteProtocolError, match=message):
+            await post(http, server.url)
+        assert (await post(http, server.url)).status_code == 202
+    assert server.connections == 2
+
+
+async def test_a_header_that_would_inject_another_is_refused_before_sending() -> None:
+    async with serving(Server()) as server, client() as http:
+        with pytest.raises(httpx.LocalProtocolError, match="malformed"):
+            await post(http, server.url, headers={"X-Note": "a\r\nX-Injected: 1"})
+    assert server.requests == []
+
+
+async def test_unasked_bytes_after_an_answer_retire_the_connection() -> None:
+    script: list[bytes | str] = [answer() + b"HTTP/1.1 200 OK\r\n\r\n"]
+    async with serving(Server(script)) as server, client() as http:
+        assert (await post(http, server.url)).status_code == 202
+        assert (await post(http, server.url)).status_code == 202
+    assert server.connections == 2
+
+
 @pytest.fixture(scope="module")
 def ca() -> trustme.CA:
     return trustme.CA()

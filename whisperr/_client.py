@@ -27,7 +27,7 @@ from ._errors import ClientClosedError, InvalidEventError
 from ._http11 import Http1Transport
 from ._ledger import Ledger
 from ._models import FlushResult, ReportType, Stats
-from ._transport import SDK_NAME, Outcome, backoff, post
+from ._transport import SDK_NAME, Outcome, backoff, post, request_headers
 from ._version import __version__
 
 logger = logging.getLogger("whisperr")
@@ -68,8 +68,9 @@ class AsyncClient:
         elif overrides:
             settings = attrs.evolve(settings, **overrides)
         self._settings = s = settings
-        self._url_batch = f"{s.base_url}/v1/events/batch"
-        self._url_identify = f"{s.base_url}/v1/identify"
+        self._url_batch = httpx.URL(f"{s.base_url}/v1/events/batch")
+        self._url_identify = httpx.URL(f"{s.base_url}/v1/identify")
+        self._headers = request_headers(s.api_key or "")
         base = ev.base_context(SDK_NAME, __version__, s.app_version)
         self._base_context = base
         self._base_context_bytes = ev.encode_base_context(base)
@@ -545,7 +546,7 @@ class AsyncClient:
         body = batch.bodies[0] if batch.identify else ev.batch_body(batch.bodies)
         attempt = 0
         while True:
-            outcome = await post(self._http, url, s.api_key or "", body, s.request_timeout, s.clock)
+            outcome = await post(self._http, url, self._headers, body, s.request_timeout, s.clock)
             self._failures = self._failures + 1 if outcome.kind in ("retry", "auth") else 0
             if outcome.kind != "retry" or attempt >= s.max_retries:
                 return outcome

@@ -1,31 +1,42 @@
-"""The client's default httpx transport: keep-alive HTTP/1.1 over anyio streams, framed by h11.
+"""The client's default httpx transport: keep-alive HTTP/1.1 over anyio streams.
 
-httpx's own transport (httpcore) spends about 0.45 ms of CPU on every request, whatever its size:
-a pool that can queue and time out waiting requests, a cancel scope around every read and write,
-proxies, HTTP/2. With at most 500 events a request that was a third of this SDK's CPU per event.
-The runner already caps how many requests are in flight, sends every request whole, and reads
-small answers, so this transport does only that: one write, reads until the answer is complete,
-and the connection goes back to an idle list. It is used only when neither ``transport`` nor
-``http_client`` is configured; httpx's client still builds the requests, never follows
-redirects, and reads the answers.
+httpx's own transport (httpcore, with h11) spends about 0.45 ms of CPU on every request whatever
+its size: a pool that can queue and time out waiting requests, a cancel scope around every read
+and write, a general HTTP/1.1 state machine, proxies, HTTP/2. With at most 500 events a request
+that was a third of this SDK's CPU per event. The runner already caps how many requests are in
+flight, sends every request whole with a Content-Length, and reads small answers, so this
+transport does only that: it checks and writes the request in one piece, parses the answer
+(Content-Length, chunked, or until close; 1xx skipped) within fixed bounds, and puts the
+connection back on an idle list. It is used only when neither ``transport`` nor ``http_client``
+is configured; httpx's client still builds the requests, never follows redirects, and reads the
+answers.
 """
 
 from __future__ import annotations
 
+import re
 import select
 import ssl
 from typing import Any
 
 import anyio
 import anyio.abc
-import h11
 import httpx
 
-# A batch answer is a few hundred bytes; this bounds what a misbehaving server can make us hold.
+# A batch answer is a few hundred bytes; these bound what a misbehaving server can make us hold.
 MAX_ANSWER_BYTES = 1 << 20
+MAX_HEAD_BYTES = 1 << 16
 _READ_SIZE = 65536
 _CLOSED = "the server closed the connection before its answer was complete"
 _DEFAULT_PORTS = {b"http": 80, b"https": 443}
+# RFC 9110/9112 grammar, strict where framing depends on it.
+_TOKEN_CHARS = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_TOKEN = re.compile(_TOKEN_CHARS)
+_TARGET = re.compile(rb"/[\x21-\x7e]*")
+_FIELDS = re.compile(rb"(?:" + _TOKEN_CHARS + rb": [^\r\n\0]*\r\n)*")
+_FIELD = re.compile(rb"(" + _TOKEN_CHARS + rb"):[ \t]*([^\r\n\0]*?)[ \t]*")
+_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: [^\r\n\0]*)?")
+_CHUNK = re.compile(rb"([0-9A-Fa-f]{1,8})[ \t]*(?:;[^\r\n\0]*)?")
 
 _Origin = tuple[bytes, str, int]
 
@@ -47,10 +58,11 @@ class Http1Transport(httpx.AsyncBaseTransport):
         origin = (url.raw_scheme, url.host, url.port or _DEFAULT_PORTS.get(url.raw_scheme, 80))
         timeouts: dict[str, float | None] = request.extensions.get("timeout", {})
         body = await request.aread()
+        head = request_head(request, len(body))  # checked before any connection is taken
         connection = await self._idle_connection(origin)
         if connection is None:
             connection = await self._connect(origin, timeouts.get("connect"))
-        status, headers, content, reusable = await connection.exchange(request, body, timeouts)
+        status, headers, content, reusable = await connection.exchange(head + body, timeouts)
         if reusable and not self._closed and len(self._idle.get(origin, ())) < self._max_idle:
             self._idle.setdefault(origin, []).append(connection)
         else:
@@ -105,100 +117,170 @@ class _Connection:
 
     def __init__(self, stream: anyio.abc.ByteStream) -> None:
         self._stream = stream
-        self._h11 = h11.Connection(h11.CLIENT)
+        self._socket: Any = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
+        self._buffer = bytearray()  # received, not yet parsed
 
     async def exchange(
-        self, request: httpx.Request, body: bytes, timeouts: dict[str, float | None]
+        self, request: bytes, timeouts: dict[str, float | None]
     ) -> tuple[int, list[tuple[bytes, bytes]], bytes, bool]:
         """Send ``request``; return the status, headers, body, and whether to keep the connection.
 
         The connection is closed when anything goes wrong, including cancellation.
         """
-        conn = self._h11
         try:
             try:
-                head = conn.send(
-                    h11.Request(
-                        method=request.method,
-                        target=request.url.raw_path,
-                        headers=request.headers.raw,
-                    )
-                )
-                data = b"".join(
-                    (
-                        head or b"",
-                        conn.send(h11.Data(data=body)) or b"",
-                        conn.send(h11.EndOfMessage()) or b"",
-                    )
-                )
-            except h11.LocalProtocolError as exc:
-                raise httpx.LocalProtocolError(str(exc)) from exc
-            try:
                 with anyio.fail_after(timeouts.get("write")):
-                    await self._stream.send(data)
+                    await self._stream.send(request)
             except TimeoutError as exc:
                 raise httpx.WriteTimeout("sending the request timed out") from exc
             except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
                 raise httpx.WriteError(f"sending the request failed: {exc!r}") from exc
             try:
                 with anyio.fail_after(timeouts.get("read")):
-                    answer = await self._read_answer()
+                    return await self._read_answer()
             except TimeoutError as exc:
                 raise httpx.ReadTimeout("reading the answer timed out") from exc
             except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
                 raise httpx.ReadError(f"reading the answer failed: {exc!r}") from exc
-            except h11.RemoteProtocolError as exc:
-                raise httpx.RemoteProtocolError(str(exc)) from exc
         except BaseException:
             await self.aclose()
             raise
-        reusable = conn.our_state is h11.DONE and conn.their_state is h11.DONE
-        if reusable:
-            conn.start_next_cycle()
-        return (*answer, reusable)
 
-    async def _read_answer(self) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-        conn = self._h11
-        response: h11.Response | None = None
+    async def _read_answer(self) -> tuple[int, list[tuple[bytes, bytes]], bytes, bool]:
+        while True:  # informational (1xx) answers come before the real one
+            status, version, headers = _parse_head(await self._read_until(b"\r\n\r\n"))
+            if status >= 200:
+                break
+            if status == 101:
+                raise httpx.RemoteProtocolError("the server switched protocols unasked")
+        fields: dict[bytes, list[bytes]] = {}
+        for name, value in headers:
+            fields.setdefault(name.lower(), []).append(value)
+        tokens = b",".join(fields.get(b"connection", ())).lower().split(b",")
+        keep = version == b"1" and b"close" not in (t.strip() for t in tokens)
+        if status in (204, 304):
+            content = b""
+        elif b"transfer-encoding" in fields:
+            if b",".join(fields[b"transfer-encoding"]).strip().lower() != b"chunked":
+                raise httpx.RemoteProtocolError("unsupported Transfer-Encoding in the answer")
+            content = await self._read_chunked()
+        elif b"content-length" in fields:
+            content = await self._read_exactly(_content_length(fields[b"content-length"]))
+        else:  # the body runs until the server closes the connection
+            content, keep = await self._read_to_end(), False
+        return status, headers, content, keep and not self._buffer
+
+    async def _fill(self) -> None:
+        try:
+            data = await self._stream.receive(_READ_SIZE)
+        except anyio.EndOfStream:
+            raise httpx.RemoteProtocolError(_CLOSED) from None
+        self._buffer += data
+
+    async def _read_until(self, end: bytes) -> bytes:
+        """The bytes before ``end`` (which is consumed), within MAX_HEAD_BYTES."""
+        start = 0
+        while (found := self._buffer.find(end, start)) < 0:
+            if len(self._buffer) > MAX_HEAD_BYTES:
+                raise httpx.RemoteProtocolError(f"answer head over {MAX_HEAD_BYTES} bytes")
+            start = max(0, len(self._buffer) - len(end) + 1)
+            await self._fill()
+        head = bytes(self._buffer[:found])
+        del self._buffer[: found + len(end)]
+        return head
+
+    async def _read_exactly(self, size: int) -> bytes:
+        while len(self._buffer) < size:
+            await self._fill()
+        data = bytes(self._buffer[:size])
+        del self._buffer[:size]
+        return data
+
+    async def _read_chunked(self) -> bytes:
         chunks: list[bytes] = []
-        size = 0
-        eof = False
-        while True:
+        total = 0
+        while size := _chunk_size(await self._read_until(b"\r\n")):
+            total += size
+            if total > MAX_ANSWER_BYTES:
+                raise httpx.RemoteProtocolError(f"answer larger than {MAX_ANSWER_BYTES} bytes")
+            chunk = await self._read_exactly(size + 2)
+            if chunk[-2:] != b"\r\n":
+                raise httpx.RemoteProtocolError("malformed chunk in the answer")
+            chunks.append(chunk[:-2])
+        trailers = 0
+        while await self._read_until(b"\r\n"):  # trailer fields, ignored, up to an empty line
+            trailers += 1
+            if trailers > 100:
+                raise httpx.RemoteProtocolError("too many trailer fields in the answer")
+        return b"".join(chunks)
+
+    async def _read_to_end(self) -> bytes:
+        while len(self._buffer) <= MAX_ANSWER_BYTES:
             try:
-                event = conn.next_event()
-            except h11.RemoteProtocolError:
-                if eof:
-                    raise h11.RemoteProtocolError(_CLOSED) from None
-                raise
-            if event is h11.NEED_DATA:
-                try:
-                    data = await self._stream.receive(_READ_SIZE)
-                except anyio.EndOfStream:
-                    data, eof = b"", True
-                conn.receive_data(data)
-            elif isinstance(event, h11.Response):
-                response = event
-            elif isinstance(event, h11.Data):
-                size += len(event.data)
-                if size > MAX_ANSWER_BYTES:
-                    raise h11.RemoteProtocolError(f"answer larger than {MAX_ANSWER_BYTES} bytes")
-                chunks.append(bytes(event.data))
-            elif isinstance(event, h11.EndOfMessage):
-                assert response is not None
-                return response.status_code, list(response.headers), b"".join(chunks)
-            elif isinstance(event, h11.ConnectionClosed):
-                raise h11.RemoteProtocolError(_CLOSED)
-            # an InformationalResponse (1xx) is skipped
+                self._buffer += await self._stream.receive(_READ_SIZE)
+            except anyio.EndOfStream:
+                data = bytes(self._buffer)
+                self._buffer.clear()
+                return data
+        raise httpx.RemoteProtocolError(f"answer larger than {MAX_ANSWER_BYTES} bytes")
 
     def usable(self) -> bool:
         """False when an idle connection has something to read: the server closed it, or broke
         the protocol by sending unasked data."""
-        sock: Any = self._stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
-        if sock is None or sock.fileno() < 0:
+        if self._socket is None or self._socket.fileno() < 0:
             return False
-        readable, _, _ = select.select([sock], [], [], 0)
+        readable, _, _ = select.select([self._socket], [], [], 0)
         return not readable
 
     async def aclose(self) -> None:
         with anyio.CancelScope(shield=True):
             await anyio.aclose_forcefully(self._stream)
+
+
+def request_head(request: httpx.Request, body_size: int) -> bytes:
+    """The request line and header block, refusing anything that could break the framing."""
+    raw = request.headers.raw
+    fields = b"".join(b"%b: %b\r\n" % field for field in raw)
+    target = request.url.raw_path
+    if (
+        _FIELDS.fullmatch(fields) is None
+        or fields.count(b"\n") != len(raw)  # a line break inside a value
+        or fields.count(b"\r") != len(raw)
+        or _TOKEN.fullmatch(request.method.encode()) is None
+        or _TARGET.fullmatch(target) is None
+    ):
+        raise httpx.LocalProtocolError("the request has a malformed method, target or header")
+    lengths = request.headers.get_list("content-length")
+    if lengths != [str(body_size)] and (body_size or lengths):
+        raise httpx.LocalProtocolError("a request body needs its Content-Length")
+    return b"%b %b HTTP/1.1\r\n%b\r\n" % (request.method.encode(), target, fields)
+
+
+def _parse_head(head: bytes) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+    status_line, *lines = head.split(b"\r\n")
+    status = _STATUS_LINE.fullmatch(status_line)
+    if status is None:
+        raise httpx.RemoteProtocolError(f"malformed status line {status_line[:100]!r}")
+    headers = []
+    for line in lines:
+        field = _FIELD.fullmatch(line)
+        if field is None:
+            raise httpx.RemoteProtocolError(f"malformed header line {line[:100]!r}")
+        headers.append((field[1], field[2]))
+    return int(status[2]), status[1], headers
+
+
+def _content_length(values: list[bytes]) -> int:
+    if len(set(values)) != 1 or not values[0].isdigit():
+        raise httpx.RemoteProtocolError(f"bad Content-Length in the answer: {values!r}")
+    size = int(values[0])
+    if size > MAX_ANSWER_BYTES:
+        raise httpx.RemoteProtocolError(f"answer larger than {MAX_ANSWER_BYTES} bytes")
+    return size
+
+
+def _chunk_size(line: bytes) -> int:
+    size = _CHUNK.fullmatch(line)
+    if size is None:
+        raise httpx.RemoteProtocolError(f"malformed chunk size {line[:100]!r}")
+    return int(size[1], 16)

@@ -83,20 +83,22 @@ def classify(response: httpx.Response, now: float, batch: bool) -> Outcome:
     return Outcome("drop", "rejected", f"the server rejected the request ({status})", status)
 
 
+def request_headers(api_key: str) -> httpx.Headers:
+    """The headers of every request, built once per client."""
+    return httpx.Headers(
+        {"X-API-Key": api_key, "Content-Type": "application/json", "User-Agent": USER_AGENT}
+    )
+
+
 async def post(
     client: httpx.AsyncClient,
-    url: str,
-    api_key: str,
+    url: httpx.URL,
+    headers: httpx.Headers,
     body: bytes,
     timeout: float,
     clock: Callable[[], float],
 ) -> Outcome:
     """Send one request; translate every failure to get an answer into a retry outcome."""
-    headers = {
-        "X-API-Key": api_key,
-        "Content-Type": "application/json",
-        "User-Agent": USER_AGENT,
-    }
     try:
         response = await client.post(
             url, content=body, headers=headers, timeout=timeout, follow_redirects=False
@@ -107,4 +109,4 @@ async def post(
         return Outcome(
             "retry", "network_error", f"the request failed ({type(exc).__name__}: {exc})"
         )
-    return classify(response, clock(), batch=url.endswith("/batch"))
+    return classify(response, clock(), batch=url.path.endswith("/batch"))
