@@ -127,23 +127,23 @@ class _Connection:
 
         The connection is closed when anything goes wrong, including cancellation.
         """
+        writing = True
         try:
-            try:
-                with anyio.fail_after(timeouts.get("write")):
-                    await self._stream.send(request)
-            except TimeoutError as exc:
-                raise httpx.WriteTimeout("sending the request timed out") from exc
-            except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
-                raise httpx.WriteError(f"sending the request failed: {exc!r}") from exc
-            try:
-                with anyio.fail_after(timeouts.get("read")):
-                    return await self._read_answer()
-            except TimeoutError as exc:
-                raise httpx.ReadTimeout("reading the answer timed out") from exc
-            except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
-                raise httpx.ReadError(f"reading the answer failed: {exc!r}") from exc
-        except BaseException:
+            # One deadline for the whole exchange (the read timeout): the request is sent in one
+            # piece, and a cancel scope costs about as much as parsing the answer.
+            with anyio.fail_after(timeouts.get("read")):
+                await self._stream.send(request)
+                writing = False
+                return await self._read_answer()
+        except BaseException as exc:
             await self.aclose()
+            doing = "sending the request" if writing else "reading the answer"
+            if isinstance(exc, TimeoutError):
+                timeout = httpx.WriteTimeout if writing else httpx.ReadTimeout
+                raise timeout(f"{doing} timed out") from exc
+            if isinstance(exc, (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError)):
+                error = httpx.WriteError if writing else httpx.ReadError
+                raise error(f"{doing} failed: {exc!r}") from exc
             raise
 
     async def _read_answer(self) -> tuple[int, list[tuple[bytes, bytes]], bytes, bool]:
