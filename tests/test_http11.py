@@ -221,6 +221,17 @@ async def test_chunk_extensions_and_trailers_are_read_past() -> None:
     assert server.connections == 1
 
 
+async def test_an_answer_framed_both_ways_is_read_chunked_and_its_connection_retired() -> None:
+    both = (
+        b"HTTP/1.1 200 OK\r\ncontent-length: 99\r\ntransfer-encoding: chunked\r\n\r\n"
+        b"2\r\nok\r\n0\r\n\r\n"
+    )
+    async with serving(Server([both])) as server, client() as http:
+        assert (await post(http, server.url)).content == b"ok"
+        assert (await post(http, server.url)).status_code == 202
+    assert server.connections == 2
+
+
 @pytest.mark.parametrize(
     ("raw", "message"),
     [

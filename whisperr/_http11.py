@@ -164,6 +164,7 @@ class _Connection:
             if b",".join(fields[b"transfer-encoding"]).strip().lower() != b"chunked":
                 raise httpx.RemoteProtocolError("unsupported Transfer-Encoding in the answer")
             content = await self._read_chunked()
+            keep = keep and b"content-length" not in fields  # both framings: do not trust it
         elif b"content-length" in fields:
             content = await self._read_exactly(_content_length(fields[b"content-length"]))
         else:  # the body runs until the server closes the connection
