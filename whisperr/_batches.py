@@ -73,10 +73,12 @@ def take_batch(
     front = list(islice(queue, max_size))
     if None not in map(_EVENT_TYPE, front) and min(map(_STAMP, front)) >= oldest:
         encoded = [encode(item, tail) for item in front]
-        # ends[k]: the bytes of the first k events with a comma each (one more than they take
-        # in a request, where the first has none)
-        ends = list(accumulate(map(len, encoded), lambda total, n: total + n + 1, initial=0))
-        fit = bisect_right(ends, max_bytes - _ENVELOPE + 1, lo=1) - 1
+        fit = len(encoded)
+        if _ENVELOPE + sum(map(len, encoded)) + fit - 1 > max_bytes:
+            # ends[k]: the bytes of the first k events with a comma each (one more than they
+            # take in a request, where the first has none)
+            ends = list(accumulate(map(len, encoded), lambda total, n: total + n + 1, initial=0))
+            fit = bisect_right(ends, max_bytes - _ENVELOPE + 1, lo=1) - 1
         if fit:  # else the first event is too large alone: the loop below drops it
             for _ in range(fit):
                 take()
