@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import socket
 import ssl
 from collections.abc import AsyncIterator
@@ -268,6 +269,95 @@ async def test_unasked_bytes_after_an_answer_retire_the_connection() -> None:
     assert server.connections == 2
 
 
+async def test_a_head_answer_has_no_body_whatever_its_length() -> None:
+    script: list[bytes | str] = [b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"]
+    async with serving(Server(script)) as server, client() as http:
+        with anyio.fail_after(5):
+            assert (await http.head(server.url + "/")).content == b""
+        assert (await post(http, server.url)).status_code == 202
+    assert server.connections == 1
+
+
+async def test_a_content_length_of_thousands_of_digits_is_read_without_int_overflow() -> None:
+    zeros = b"HTTP/1.1 200 OK\r\ncontent-length: " + b"0" * 5000 + b"1\r\n\r\nx"
+    nines = b"HTTP/1.1 200 OK\r\ncontent-length: " + b"9" * 5000 + b"\r\n\r\n"
+    async with serving(Server([zeros, nines])) as server, client() as http:
+        assert (await post(http, server.url)).content == b"x"
+        with pytest.raises(httpx.RemoteProtocolError, match="larger than"):
+            await post(http, server.url)
+
+
+async def test_a_compressed_answer_is_refused_not_inflated() -> None:
+    body = gzip.compress(b"\0" * 2_000_000)  # 2 MB from ~2 kB
+    raw = answer(200, body, b"content-encoding: gzip\r\n")
+    async with serving(Server([raw])) as server, client() as http:
+        with pytest.raises(httpx.RemoteProtocolError, match="Content-Encoding"):
+            await post(http, server.url)
+
+
+async def test_a_connection_idle_past_the_expiry_is_not_reused() -> None:
+    now = [0.0]
+    async with serving(Server()) as server, client(idle_expiry=5.0, clock=lambda: now[0]) as http:
+        assert (await post(http, server.url)).status_code == 202
+        now[0] += 4.9
+        assert (await post(http, server.url)).status_code == 202
+        assert server.connections == 1
+        now[0] += 5.0
+        assert (await post(http, server.url)).status_code == 202
+    assert server.connections == 2
+
+
+async def test_the_idle_check_works_above_descriptor_1024() -> None:
+    """select() cannot watch descriptors past FD_SETSIZE; the check must not fail there."""
+    resource = pytest.importorskip("resource")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1100:
+        if hard != resource.RLIM_INFINITY and hard < 1100:
+            pytest.skip("cannot open 1,100 files here")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1100, hard))
+    fillers: list[socket.socket] = []
+    try:
+        async with serving(Server()) as server, client() as http:
+            while not fillers or fillers[-1].fileno() <= 1024:
+                fillers.append(socket.socket())
+            assert (await post(http, server.url)).status_code == 202  # its descriptor > 1024
+            assert (await post(http, server.url)).status_code == 202
+        assert server.connections == 1
+    finally:
+        for filler in fillers:
+            filler.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+async def test_an_early_answer_to_a_body_the_server_will_not_read(anyio_backend: str) -> None:
+    """A server may answer (413) and close before reading a large body.
+
+    Under trio the answer is read after the failed write. Under asyncio anyio's stream is dead
+    by then and it is a WriteError (httpx's default transport loses it there too).
+    """
+
+    async def handle(stream: anyio.abc.ByteStream) -> None:
+        async with stream:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += await stream.receive()
+            await stream.send(answer(413, b"too big", b"connection: close\r\n"))
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    async with listener, anyio.create_task_group() as tg, client() as http:
+        tg.start_soon(listener.serve, handle)
+        url = f"http://127.0.0.1:{port}"
+        with anyio.fail_after(10):
+            if anyio_backend == "trio":
+                response = await http.post(url, content=b"x" * 32_000_000)
+                assert response.status_code == 413
+            else:
+                with pytest.raises(httpx.WriteError):
+                    await http.post(url, content=b"x" * 32_000_000)
+        tg.cancel_scope.cancel()
+
+
 @pytest.fixture(scope="module")
 def ca() -> trustme.CA:
     return trustme.CA()
@@ -295,6 +385,40 @@ async def test_https_refuses_a_certificate_it_does_not_trust(ca: trustme.CA) -> 
     assert server.requests == []
 
 
+async def test_bytes_after_an_answer_in_another_tls_record_retire_the_connection(
+    ca: trustme.CA,
+) -> None:
+    """The TLS layer may hold unasked bytes the socket check cannot see; they are not an answer."""
+    pad = 16384 - len(answer())
+    first = answer(body=b'{"ok":true}' + b" " * pad)
+    first = answer(body=b'{"ok":true}' + b" " * (pad - (len(first) - 16384)))
+    assert len(first) == 16384  # one full TLS record: what follows is a record of its own
+    stale = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nSTALE"
+    trusted = ssl.create_default_context()
+    ca.configure_trust(trusted)
+    async with (
+        serving(Server([first + stale]), tls=server_tls(ca)) as server,
+        client(ssl_context=trusted) as http,
+    ):
+        with anyio.fail_after(5):
+            assert (await post(http, server.url)).status_code == 202
+            second = await post(http, server.url)
+    assert (second.status_code, second.content) == (202, b'{"ok":true}')
+    assert server.connections == 2
+
+
+async def test_tls_answer_to_the_close_without_close_notify(ca: trustme.CA) -> None:
+    """Servers often close TLS without close_notify; an answer framed by the close is whole."""
+    raw = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nall of it"
+    trusted = ssl.create_default_context()
+    ca.configure_trust(trusted)
+    async with (
+        serving(Server([raw], close_after=True), tls=server_tls(ca)) as server,
+        client(ssl_context=trusted) as http,
+    ):
+        assert (await post(http, server.url)).content == b"all of it"
+
+
 async def test_the_sdk_sends_its_batches_over_one_kept_alive_connection() -> None:
     key = "wrk_test_secret_key_0123456789"
     async with (
@@ -307,3 +431,5 @@ async def test_the_sdk_sends_its_batches_over_one_kept_alive_connection() -> Non
     assert server.connections == 1
     assert len(server.requests) == 3
     assert all((b"x-api-key", key.encode()) in r.headers for r in server.requests)
+    # an answer's size is bounded on the wire: nothing compressed is asked for
+    assert all((b"accept-encoding", b"identity") in r.headers for r in server.requests)

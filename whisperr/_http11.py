@@ -14,18 +14,23 @@ answers.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import select
 import ssl
+import time
+from collections.abc import Callable
 from typing import Any
 
 import anyio
 import anyio.abc
+import anyio.streams.tls
 import httpx
 
 # A batch answer is a few hundred bytes; these bound what a misbehaving server can make us hold.
 MAX_ANSWER_BYTES = 1 << 20
 MAX_HEAD_BYTES = 1 << 16
+IDLE_EXPIRY = 5.0  # seconds an idle connection is kept, as httpx keeps them
 _READ_SIZE = 65536
 _CLOSED = "the server closed the connection before its answer was complete"
 _DEFAULT_PORTS = {b"http": 80, b"https": 443}
@@ -47,23 +52,37 @@ class Http1Transport(httpx.AsyncBaseTransport):
     It does not limit how many requests run at once: the client's runner does that.
     """
 
-    def __init__(self, *, max_idle: int, ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        max_idle: int,
+        ssl_context: ssl.SSLContext | None = None,
+        idle_expiry: float = IDLE_EXPIRY,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._max_idle = max_idle
         self._idle: dict[_Origin, list[_Connection]] = {}
         self._ssl_context = ssl_context
+        self._idle_expiry = idle_expiry
+        self._clock = clock
         self._closed = False
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         url = request.url
-        origin = (url.raw_scheme, url.host, url.port or _DEFAULT_PORTS.get(url.raw_scheme, 80))
+        # the ASCII (IDNA) form of the host, as it is resolved and as its certificate names it
+        host = url.raw_host.decode("ascii")
+        origin = (url.raw_scheme, host, url.port or _DEFAULT_PORTS.get(url.raw_scheme, 80))
         timeouts: dict[str, float | None] = request.extensions.get("timeout", {})
         body = await request.aread()
         head = request_head(request, len(body))  # checked before any connection is taken
         connection = await self._idle_connection(origin)
         if connection is None:
             connection = await self._connect(origin, timeouts.get("connect"))
-        status, headers, content, reusable = await connection.exchange(head + body, timeouts)
+        status, headers, content, reusable = await connection.exchange(
+            head + body, timeouts, head_only=request.method == "HEAD"
+        )
         if reusable and not self._closed and len(self._idle.get(origin, ())) < self._max_idle:
+            connection.idle_since = self._clock()
             self._idle.setdefault(origin, []).append(connection)
         else:
             await connection.aclose()
@@ -78,7 +97,10 @@ class Http1Transport(httpx.AsyncBaseTransport):
         idle = self._idle.get(origin)
         while idle:
             connection = idle.pop()
-            if connection.usable():
+            # A connection idle for long may have been dropped silently on the way (a NAT, a
+            # load balancer): using it would cost a whole read timeout.
+            fresh = self._clock() - connection.idle_since < self._idle_expiry
+            if fresh and await connection.usable():
                 return connection
             await connection.aclose()
         return None
@@ -93,7 +115,11 @@ class Http1Transport(httpx.AsyncBaseTransport):
             with anyio.fail_after(timeout):
                 stream: anyio.abc.ByteStream = (
                     await anyio.connect_tcp(
-                        host, port, ssl_context=self._ssl_context, tls_hostname=host
+                        host,
+                        port,
+                        ssl_context=self._ssl_context,
+                        tls_hostname=host,
+                        tls_standard_compatible=False,
                     )
                     if tls
                     else await anyio.connect_tcp(host, port)
@@ -119,9 +145,11 @@ class _Connection:
         self._stream = stream
         self._socket: Any = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
         self._buffer = bytearray()  # received, not yet parsed
+        self.idle_since = 0.0
+        self._tls = stream.extra(anyio.streams.tls.TLSAttribute.ssl_object, None) is not None
 
     async def exchange(
-        self, request: bytes, timeouts: dict[str, float | None]
+        self, request: bytes, timeouts: dict[str, float | None], *, head_only: bool = False
     ) -> tuple[int, list[tuple[bytes, bytes]], bytes, bool]:
         """Send ``request``; return the status, headers, body, and whether to keep the connection.
 
@@ -132,9 +160,16 @@ class _Connection:
             # One deadline for the whole exchange (the read timeout): the request is sent in one
             # piece, and a cancel scope costs about as much as parsing the answer.
             with anyio.fail_after(timeouts.get("read")):
-                await self._stream.send(request)
+                try:
+                    await self._stream.send(request)
+                except (OSError, anyio.BrokenResourceError) as exc:
+                    try:  # a server may answer early (413) and close without reading the body
+                        status, headers, content, _ = await self._read_answer(head_only)
+                    except Exception:
+                        raise exc from None
+                    return status, headers, content, False
                 writing = False
-                return await self._read_answer()
+                return await self._read_answer(head_only)
         except BaseException as exc:
             await self.aclose()
             doing = "sending the request" if writing else "reading the answer"
@@ -146,7 +181,9 @@ class _Connection:
                 raise error(f"{doing} failed: {exc!r}") from exc
             raise
 
-    async def _read_answer(self) -> tuple[int, list[tuple[bytes, bytes]], bytes, bool]:
+    async def _read_answer(
+        self, head_only: bool
+    ) -> tuple[int, list[tuple[bytes, bytes]], bytes, bool]:
         while True:  # informational (1xx) answers come before the real one
             status, version, headers = _parse_head(await self._read_until(b"\r\n\r\n"))
             if status >= 200:
@@ -158,7 +195,9 @@ class _Connection:
             fields.setdefault(name.lower(), []).append(value)
         tokens = b",".join(fields.get(b"connection", ())).lower().split(b",")
         keep = version == b"1" and b"close" not in (t.strip() for t in tokens)
-        if status in (204, 304):
+        if fields.get(b"content-encoding", [b"identity"]) != [b"identity"]:
+            raise httpx.RemoteProtocolError("the answer has a Content-Encoding; none was asked for")
+        if status in (204, 304) or head_only:
             content = b""
         elif b"transfer-encoding" in fields:
             if b",".join(fields[b"transfer-encoding"]).strip().lower() != b"chunked":
@@ -225,13 +264,30 @@ class _Connection:
                 return data
         raise httpx.RemoteProtocolError(f"answer larger than {MAX_ANSWER_BYTES} bytes")
 
-    def usable(self) -> bool:
+    async def usable(self) -> bool:
         """False when an idle connection has something to read: the server closed it, or broke
         the protocol by sending unasked data."""
         if self._socket is None or self._socket.fileno() < 0:
             return False
-        readable, _, _ = select.select([self._socket], [], [], 0)
-        return not readable
+        try:
+            if hasattr(select, "poll"):  # select() fails on descriptors >= FD_SETSIZE
+                poller = select.poll()
+                poller.register(self._socket, select.POLLIN)
+                if poller.poll(0):
+                    return False
+            elif select.select([self._socket], [], [], 0)[0]:
+                return False
+        except (OSError, ValueError):
+            return False
+        if self._tls:
+            # Bytes the TLS layer already took off the socket: a receive in a cancelled scope
+            # returns them (or an end) at once, and is cancelled when it holds none.
+            with anyio.CancelScope() as probe:
+                probe.cancel()
+                with contextlib.suppress(Exception):
+                    await self._stream.receive(1)
+                return False
+        return True
 
     async def aclose(self) -> None:
         with anyio.CancelScope(shield=True):
@@ -273,8 +329,9 @@ def _parse_head(head: bytes) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
 
 def _content_length(values: list[bytes]) -> int:
     if len(set(values)) != 1 or not values[0].isdigit():
-        raise httpx.RemoteProtocolError(f"bad Content-Length in the answer: {values!r}")
-    size = int(values[0])
+        raise httpx.RemoteProtocolError(f"bad Content-Length in the answer: {values[:2]!r:.200}")
+    digits = values[0].lstrip(b"0") or b"0"
+    size = int(digits) if len(digits) <= 8 else MAX_ANSWER_BYTES + 1
     if size > MAX_ANSWER_BYTES:
         raise httpx.RemoteProtocolError(f"answer larger than {MAX_ANSWER_BYTES} bytes")
     return size

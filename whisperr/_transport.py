@@ -86,7 +86,12 @@ def classify(response: httpx.Response, now: float, batch: bool) -> Outcome:
 def request_headers(api_key: str) -> httpx.Headers:
     """The headers of every request, built once per client."""
     return httpx.Headers(
-        {"X-API-Key": api_key, "Content-Type": "application/json", "User-Agent": USER_AGENT}
+        {
+            "X-API-Key": api_key,
+            "Content-Type": "application/json",
+            "User-Agent": USER_AGENT,
+            "Accept-Encoding": "identity",  # the answer's size is bounded only before decoding
+        }
     )
 
 
