@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
+from collections.abc import Iterator
+
+import pytest
 
 from whisperr import _events
 from whisperr._batches import take_batch
@@ -82,3 +85,59 @@ def test_identifies_go_alone_and_expired_events_are_dropped_in_place() -> None:
     batches = drain(queue, 1_000_000, ledger)
     assert batches == [[item(1), item(2)], [identify], [item(3), item(4)]]
     assert ledger.dropped == {"expired": 1}
+
+
+def test_an_empty_queue_gives_nothing() -> None:
+    """Another thread may empty the queue between the runner's look and its take."""
+    assert take_batch(
+        deque(), 0, max_size=500, max_bytes=4096, base_context=BASE, now=NOW, ledger=Ledger(None)
+    ) == (None, 0)
+
+
+def test_an_item_that_cannot_be_encoded_is_dropped_not_stuck_at_the_head() -> None:
+    ledger = Ledger(None)
+    poison = ("user_\ud800", "a_b", NOW, b"{}", "bad")  # capture refuses this; still never stuck
+    assert drain(deque([item(1), poison, item(2)]), 1_000_000, ledger) == [[item(1), item(2)]]
+    assert ledger.dropped == {"invalid": 1}
+
+
+def test_large_events_are_encoded_only_as_far_as_they_can_fit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls = []
+    encode = _events.encode_event
+
+    def counting(event: _events.Item, tail: bytes) -> bytes:
+        calls.append(event)
+        return encode(event, tail)
+
+    monkeypatch.setattr(_events, "encode_event", counting)
+    queue = deque([item(100_000)] * 500)
+    batch, taken = take_batch(
+        queue, 0, max_size=500, max_bytes=1_000_000, base_context=BASE, now=NOW, ledger=Ledger(None)
+    )
+    assert batch is not None
+    assert taken == len(batch.items) == 9  # 9 x 100 kB fit in 1 MB
+    assert len(calls) <= 10
+
+
+class RacingDeque(deque[_events.Item]):
+    """A deque whose first iteration fails as if another thread appended during it."""
+
+    raced = False
+
+    def __iter__(self) -> Iterator[_events.Item]:
+        if not self.raced:
+            self.raced = True
+            raise RuntimeError("deque mutated during iteration")
+        return super().__iter__()
+
+
+def test_a_queue_appended_to_while_it_is_read_still_gives_its_batch() -> None:
+    queue = RacingDeque([item(1), item(2)])
+    batch, taken = take_batch(
+        queue, 0, max_size=500, max_bytes=1_000_000, base_context=BASE, now=NOW, ledger=Ledger(None)
+    )
+    assert queue.raced
+    assert batch is not None
+    assert (batch.items, taken, len(queue)) == ([item(1), item(2)], 2, 0)

@@ -19,6 +19,7 @@ from .conftest import API_KEY
         ({"api_key": None}, "api_key is required"),
         ({"api_key": ""}, "api_key is required"),
         ({"api_key": "wrk_ spaced"}, "without whitespace"),
+        ({"api_key": "wrk_clé"}, "ASCII"),
         ({"max_batch_size": 501}, "between 1 and 500"),
         ({"max_batch_size": 0}, "between 1 and 500"),
         ({"max_batch_bytes": 100}, ">= 4096"),

@@ -28,6 +28,9 @@ INVALID_TRACKS: list[tuple[dict[str, Any], str, str]] = [
     ({"external_user_id": ""}, "external_user_id", "non-empty string"),
     ({"external_user_id": None}, "external_user_id", "non-empty string"),
     ({"external_user_id": 42}, "external_user_id", "non-empty string"),
+    ({"external_user_id": "user_\ud800"}, "external_user_id", "lone surrogates"),
+    ({"message_id": "id_\udfff"}, "message_id", "lone surrogates"),
+    ({"context": {"$message_id": "\ud800"}}, "context.$message_id", "lone surrogates"),
     ({"event_type": "PaymentFailed"}, "event_type", "snake_case"),
     ({"event_type": "payment-failed"}, "event_type", "snake_case"),
     ({"event_type": "payment__failed"}, "event_type", "snake_case"),
@@ -65,6 +68,7 @@ INVALID_TRACKS: list[tuple[dict[str, Any], str, str]] = [
 
 INVALID_IDENTIFIES: list[tuple[dict[str, Any], str, str]] = [
     ({"external_user_id": ""}, "external_user_id", "non-empty string"),
+    ({"external_user_id": "\ud800"}, "external_user_id", "lone surrogates"),
     ({"traits": ["plan"]}, "traits", "mapping"),
     ({"traits": {"big": "x" * 60_000}}, "traits", "50000 bytes"),
     ({"preferred_channel": "fax"}, "preferred_channel", "email, sms, push"),

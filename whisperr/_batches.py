@@ -14,7 +14,7 @@ from ._ledger import Ledger
 
 # Bytes of the batch envelope around the events: `{"events":[` and `]}`.
 _ENVELOPE = len(ev.batch_body([]))
-_EVENT_TYPE, _STAMP = itemgetter(1), itemgetter(2)
+_EVENT_TYPE, _STAMP, _PROPERTIES = itemgetter(1), itemgetter(2), itemgetter(3)
 
 
 @attrs.define(eq=False)
@@ -56,12 +56,15 @@ def take_batch(
     now: float,
     ledger: Ledger,
 ) -> tuple[Batch | None, int]:
-    """Take one identify alone, or a run of tracks, off the front of a non-empty queue.
+    """Take one identify alone, or a run of tracks, off the front of the queue.
 
-    Tracks already older than the server's 30-day window, or too large alone, are dropped (and
-    reported) instead. Returns the batch (None if everything taken was dropped) and how many
-    items left the queue. The caller holds the lock that other threads take to pop the queue.
+    Tracks already older than the server's 30-day window, too large alone, or impossible to
+    encode are dropped (and reported) instead. Returns the batch (None if nothing was taken or
+    everything taken was dropped) and how many items left the queue. The caller holds the lock
+    that other threads take to pop the queue; they may append to it meanwhile.
     """
+    if not queue:  # emptied by another thread since the caller looked
+        return None, 0
     if queue[0][1] is None:
         first = queue.popleft()
         return Batch([first], [first[3]], identify=True, first=position), 1
@@ -70,11 +73,22 @@ def take_batch(
     encode, take = ev.encode_event, queue.popleft
     # The common case, its per-event checks done by C loops: up to max_size tracks with no
     # identify among them and none expired; as many as fit in max_bytes go.
-    front = list(islice(queue, max_size))
-    if None not in map(_EVENT_TYPE, front) and min(map(_STAMP, front)) >= oldest:
-        encoded = [encode(item, tail) for item in front]
+    try:
+        front = list(islice(queue, max_size))
+    except RuntimeError:  # track() in another thread appended between islice() and list()
+        front = []  # the per-event loop below takes this batch
+    if front and None not in map(_EVENT_TYPE, front) and min(map(_STAMP, front)) >= oldest:
+        # Each body is longer than its properties: encode no more events than could fit.
+        room = max_bytes - _ENVELOPE + 1
+        if sum(map(len, map(_PROPERTIES, front))) + len(front) > room:
+            bound = bisect_right(list(accumulate(len(i[3]) + 1 for i in front)), room)
+            front = front[: max(bound, 1)]
+        try:
+            encoded = [encode(item, tail) for item in front]
+        except TypeError:  # orjson: a lone surrogate in a user or message id
+            encoded = []
         fit = len(encoded)
-        if _ENVELOPE + sum(map(len, encoded)) + fit - 1 > max_bytes:
+        if fit and _ENVELOPE + sum(map(len, encoded)) + fit - 1 > max_bytes:
             # ends[k]: the bytes of the first k events with a comma each (one more than they
             # take in a request, where the first has none)
             ends = list(accumulate(map(len, encoded), lambda total, n: total + n + 1, initial=0))
@@ -96,7 +110,13 @@ def take_batch(
             taken += 1
             ledger.drop([item], "expired", "older than the server's 30-day window")
             continue
-        body = encode(item, tail)
+        try:
+            body = encode(item, tail)
+        except TypeError as exc:  # unencodable (lone surrogate): never sendable
+            take()
+            taken += 1
+            ledger.drop([item], "invalid", f"cannot be encoded: {exc}")
+            continue
         if size + len(body) + 1 > max_bytes:
             if items:
                 break  # it starts the next batch

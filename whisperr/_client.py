@@ -166,6 +166,7 @@ class AsyncClient:
                 type(external_user_id) is not str
                 or not external_user_id
                 or len(external_user_id) > ev.MAX_USER_ID
+                or not external_user_id.isascii()
             ):
                 ev.check_user_id(external_user_id)
             if event_type not in self._known_types:

@@ -110,6 +110,8 @@ class Settings:
             return
         if not isinstance(value, str) or value != value.strip() or any(c.isspace() for c in value):
             raise ConfigError("api_key must be a string without whitespace")
+        if not value.isascii() or not value.isprintable():
+            raise ConfigError("api_key must be printable ASCII (it travels in an HTTP header)")
 
     @base_url.validator
     def _check_base_url(self, attribute: attrs.Attribute[Any], value: str) -> None:

@@ -42,7 +42,16 @@ def check_user_id(value: object) -> str:
         raise InvalidEventError("external_user_id", f"must be a non-empty string, got {value!r}")
     if len(value) > MAX_USER_ID:
         raise InvalidEventError("external_user_id", f"must be at most {MAX_USER_ID} characters")
+    _check_utf8("external_user_id", value)
     return value
+
+
+def _check_utf8(field: str, value: str) -> None:
+    if not value.isascii():
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            raise InvalidEventError(field, "must be valid Unicode (no lone surrogates)") from None
 
 
 def check_event_type(value: object) -> str:
@@ -99,6 +108,7 @@ def check_message_id(value: object, field: str = "message_id") -> str:
         )
     if len(value) > MAX_MESSAGE_ID:
         raise InvalidEventError(field, f"must be at most {MAX_MESSAGE_ID} characters")
+    _check_utf8(field, value)
     return value
 
 
