@@ -551,7 +551,7 @@ class TestSecurity:
         await client.flush()
         await client.aclose()
         seen = caplog.text + repr(client) + repr(client.settings) + repr(reports)
-        seen += repr(client.stats())
+        seen += repr(client.stats()) + repr(vars(client))
         assert API_KEY not in seen
         assert "wrk_" not in seen
 

@@ -83,9 +83,16 @@ def classify(response: httpx.Response, now: float, batch: bool) -> Outcome:
     return Outcome("drop", "rejected", f"the server rejected the request ({status})", status)
 
 
+class _Headers(httpx.Headers):
+    """Request headers whose repr leaves out the API key (httpx masks only Authorization)."""
+
+    def __repr__(self) -> str:
+        return f"<request headers: {', '.join(self.keys())}>"
+
+
 def request_headers(api_key: str) -> httpx.Headers:
     """The headers of every request, built once per client."""
-    return httpx.Headers(
+    return _Headers(
         {
             "X-API-Key": api_key,
             "Content-Type": "application/json",
