@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from collections import deque
+from collections.abc import Iterable
 from itertools import accumulate, islice
 from operator import itemgetter
 
@@ -71,6 +72,9 @@ def take_batch(
     oldest = now - ev.MAX_PAST + 60.0
     tail = ev.context_tail(base_context)
     encode, take = ev.encode_event, queue.popleft
+    # What the events may take of a request: each its length and a comma, except that the first
+    # has no comma (hence the + 1).
+    room = max_bytes - _ENVELOPE + 1
     # The common case, its per-event checks done by C loops: up to max_size tracks with no
     # identify among them and none expired; as many as fit in max_bytes go.
     try:
@@ -79,28 +83,22 @@ def take_batch(
         front = []  # the per-event loop below takes this batch
     if front and None not in map(_EVENT_TYPE, front) and min(map(_STAMP, front)) >= oldest:
         # Each body is longer than its properties: encode no more events than could fit.
-        room = max_bytes - _ENVELOPE + 1
         if sum(map(len, map(_PROPERTIES, front))) + len(front) > room:
-            bound = bisect_right(list(accumulate(len(i[3]) + 1 for i in front)), room)
-            front = front[: max(bound, 1)]
+            front = front[: max(_fitting(map(len, map(_PROPERTIES, front)), room), 1)]
         try:
             encoded = [encode(item, tail) for item in front]
         except TypeError:  # orjson: a lone surrogate in a user or message id
             encoded = []
         fit = len(encoded)
-        if fit and _ENVELOPE + sum(map(len, encoded)) + fit - 1 > max_bytes:
-            # ends[k]: the bytes of the first k events with a comma each (one more than they
-            # take in a request, where the first has none)
-            ends = list(accumulate(map(len, encoded), lambda total, n: total + n + 1, initial=0))
-            fit = bisect_right(ends, max_bytes - _ENVELOPE + 1, lo=1) - 1
+        if sum(map(len, encoded)) + fit > room:
+            fit = _fitting(map(len, encoded), room)
         if fit:  # else the first event is too large alone: the loop below drops it
             for _ in range(fit):
                 take()
             return Batch(front[:fit], encoded[:fit], identify=False, first=position), fit
     items: list[ev.Item] = []
     bodies: list[bytes] = []
-    # Each event adds its length and a comma; the first one's comma pays for the envelope's.
-    size, taken = _ENVELOPE - 1, 0
+    used, taken = 0, 0
     while queue and len(items) < max_size:
         item = queue[0]
         if item[1] is None:
@@ -117,7 +115,7 @@ def take_batch(
             taken += 1
             ledger.drop([item], "invalid", f"cannot be encoded: {exc}")
             continue
-        if size + len(body) + 1 > max_bytes:
+        if used + len(body) + 1 > room:
             if items:
                 break  # it starts the next batch
             take()
@@ -128,5 +126,10 @@ def take_batch(
         taken += 1
         items.append(item)
         bodies.append(body)
-        size += len(body) + 1
+        used += len(body) + 1
     return (Batch(items, bodies, identify=False, first=position) if items else None), taken
+
+
+def _fitting(sizes: Iterable[int], room: int) -> int:
+    """How many of the leading ``sizes`` fit in ``room``, each taking one byte more (a comma)."""
+    return bisect_right(list(accumulate(size + 1 for size in sizes)), room)

@@ -203,14 +203,12 @@ def millisecond_window(stamp: float) -> tuple[float, float]:
 _stamps: dict[float, bytes] = {}
 
 
-def _stamp_bytes(stamp: float) -> bytes:
-    try:
-        return _stamps[stamp]
-    except KeyError:
-        if len(_stamps) > 4096:
-            _stamps.clear()
-        encoded = _stamps[stamp] = format_timestamp(stamp).encode()
-        return encoded
+def _cache_stamp(stamp: float) -> bytes:
+    """Encode a stamp missing from ``_stamps`` and keep it there (a bounded cache)."""
+    if len(_stamps) > 4096:
+        _stamps.clear()
+    encoded = _stamps[stamp] = format_timestamp(stamp).encode()
+    return encoded
 
 
 _EVENT = (
@@ -238,7 +236,7 @@ def encode_event(item: Item, base_tail: bytes) -> bytes:
     try:
         occurred_at = _stamps[stamp]
     except KeyError:
-        occurred_at = _stamp_bytes(stamp)
+        occurred_at = _cache_stamp(stamp)
     return _EVENT % (
         orjson.dumps(user_id),
         event_type.encode(),  # type: ignore[union-attr]  # validated: [a-z0-9_]+

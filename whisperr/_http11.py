@@ -33,6 +33,7 @@ MAX_HEAD_BYTES = 1 << 16
 IDLE_EXPIRY = 5.0  # seconds an idle connection is kept, as httpx keeps them
 _READ_SIZE = 65536
 _CLOSED = "the server closed the connection before its answer was complete"
+_TOO_LARGE = f"answer larger than {MAX_ANSWER_BYTES} bytes"
 _DEFAULT_PORTS = {b"http": 80, b"https": 443}
 # RFC 9110/9112 grammar, strict where framing depends on it.
 _TOKEN_CHARS = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
@@ -242,7 +243,7 @@ class _Connection:
         while size := _chunk_size(await self._read_until(b"\r\n")):
             total += size
             if total > MAX_ANSWER_BYTES:
-                raise httpx.RemoteProtocolError(f"answer larger than {MAX_ANSWER_BYTES} bytes")
+                raise httpx.RemoteProtocolError(_TOO_LARGE)
             chunk = await self._read_exactly(size + 2)
             if chunk[-2:] != b"\r\n":
                 raise httpx.RemoteProtocolError("malformed chunk in the answer")
@@ -262,7 +263,7 @@ class _Connection:
                 data = bytes(self._buffer)
                 self._buffer.clear()
                 return data
-        raise httpx.RemoteProtocolError(f"answer larger than {MAX_ANSWER_BYTES} bytes")
+        raise httpx.RemoteProtocolError(_TOO_LARGE)
 
     async def usable(self) -> bool:
         """False when an idle connection has something to read: the server closed it, or broke
@@ -298,19 +299,19 @@ def request_head(request: httpx.Request, body_size: int) -> bytes:
     """The request line and header block, refusing anything that could break the framing."""
     raw = request.headers.raw
     fields = b"".join(b"%b: %b\r\n" % field for field in raw)
-    target = request.url.raw_path
+    method, target = request.method.encode(), request.url.raw_path
     if (
         _FIELDS.fullmatch(fields) is None
         or fields.count(b"\n") != len(raw)  # a line break inside a value
         or fields.count(b"\r") != len(raw)
-        or _TOKEN.fullmatch(request.method.encode()) is None
+        or _TOKEN.fullmatch(method) is None
         or _TARGET.fullmatch(target) is None
     ):
         raise httpx.LocalProtocolError("the request has a malformed method, target or header")
     lengths = request.headers.get_list("content-length")
     if lengths != [str(body_size)] and (body_size or lengths):
         raise httpx.LocalProtocolError("a request body needs its Content-Length")
-    return b"%b %b HTTP/1.1\r\n%b\r\n" % (request.method.encode(), target, fields)
+    return b"%b %b HTTP/1.1\r\n%b\r\n" % (method, target, fields)
 
 
 def _parse_head(head: bytes) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
@@ -333,7 +334,7 @@ def _content_length(values: list[bytes]) -> int:
     digits = values[0].lstrip(b"0") or b"0"
     size = int(digits) if len(digits) <= 8 else MAX_ANSWER_BYTES + 1
     if size > MAX_ANSWER_BYTES:
-        raise httpx.RemoteProtocolError(f"answer larger than {MAX_ANSWER_BYTES} bytes")
+        raise httpx.RemoteProtocolError(_TOO_LARGE)
     return size
 
 
