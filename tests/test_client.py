@@ -16,6 +16,7 @@ import orjson
 import pytest
 
 import whisperr
+from whisperr._schedule import Scheduler
 
 from .conftest import API_KEY, Api, Clock, Sleeps
 
@@ -587,7 +588,8 @@ async def test_one_pooled_connection_for_many_batches(settings: dict[str, Any], 
 def test_final_delivery_when_the_loop_ends_without_aclose(
     settings: dict[str, Any], api: Api
 ) -> None:
-    """asyncio.run() returning without aclose() still delivers what was queued."""
+    """asyncio.run() returning without aclose() still delivers what was queued: the client's
+    own thread takes over, and a later loop's flush() waits for it."""
     client = whisperr.AsyncClient(**settings)
 
     async def main() -> None:
@@ -596,6 +598,8 @@ def test_final_delivery_when_the_loop_ends_without_aclose(
         await asyncio.sleep(0)
 
     asyncio.run(main())
+    assert "own thread" in repr(client) or client.stats().delivered == 700
+    assert not asyncio.run(client.flush(timeout=5)).timed_out
     assert len(api.events) == 700
     assert client.stats().delivered == 700
 
@@ -705,15 +709,15 @@ async def test_the_runner_does_not_spin_while_a_batch_is_in_flight(
 
     settings["transport"] = httpx.MockTransport(slow)
     passes = 0
-    original = whisperr.AsyncClient._ready_batch
+    original = Scheduler.ready_batch
 
-    def counting(self: whisperr.AsyncClient) -> Any:
+    def counting(self: Scheduler, now: float) -> Any:
         nonlocal passes
         passes += 1
-        return original(self)  # type: ignore[no-untyped-call]
+        return original(self, now)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(whisperr.AsyncClient, "_ready_batch", counting)
+        mp.setattr(Scheduler, "ready_batch", counting)
         client = whisperr.AsyncClient(
             **settings | {"flush_interval": 0.001}, max_batch_size=2, max_concurrency=1
         )

@@ -10,6 +10,7 @@ from ._client import AsyncClient
 from ._config import Settings
 from ._default import flush, get_client, identify, init, shutdown, track
 from ._errors import ClientClosedError, ConfigError, InvalidEventError, WhisperrError
+from ._exit import exit_on_sigterm
 from ._models import DeliveryReport, FlushResult, Stats
 from ._sync import Client, flush_after
 from ._version import __version__
@@ -26,6 +27,7 @@ __all__ = [
     "Stats",
     "WhisperrError",
     "__version__",
+    "exit_on_sigterm",
     "flush",
     "flush_after",
     "get_client",

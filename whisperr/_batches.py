@@ -24,7 +24,8 @@ class Batch:
 
     ``first`` is the queue position (counted since the client was made) of its first event,
     which ``flush()`` compares with its target; ``retained_round`` is the flush round in which
-    it was last kept after a failure, and ``failure`` the reason it would be dropped with.
+    it was last kept after a failure, ``failure`` the reason it would be dropped with and
+    ``last_failure`` what its last attempt met.
     """
 
     items: list[ev.Item]
@@ -33,6 +34,7 @@ class Batch:
     first: int
     retained_round: int = -1
     failure: str = "shutdown"
+    last_failure: str = ""
 
     @property
     def message_ids(self) -> tuple[str, ...]:

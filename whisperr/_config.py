@@ -23,6 +23,9 @@ DEFAULT_MAX_BATCH_BYTES = 1_000_000
 # events within a second; a full batch never waits for it.
 DEFAULT_FLUSH_INTERVAL = 1.0
 DEFAULT_MAX_QUEUE_SIZE = 100_000
+# About 64 MB of queued events: a full default queue of small events stays well below it; a
+# queue of large events during an outage stops growing there.
+DEFAULT_MAX_QUEUE_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_RETRIES = 6
 DEFAULT_BACKOFF_BASE = 0.5
 DEFAULT_BACKOFF_CAP = 30.0
@@ -71,32 +74,80 @@ def _bool(raw: str) -> bool:
     raise ValueError(f"not a boolean: {raw!r}")
 
 
+# The built-in default of every field that can come from the environment.
+_BUILT_IN: dict[str, Any] = {}
+
+
+def _env(name: str, default: Any) -> Any:
+    """A field default read from ``WHISPERR_<NAME>`` when it is set (see ``_ENV_FIELDS``)."""
+    _BUILT_IN[name] = default
+    return attrs.Factory(lambda: _parse_env(os.environ, name, default))
+
+
+def _parse_env(env: Mapping[str, str], name: str, default: Any) -> Any:
+    variable = f"WHISPERR_{name.upper()}"
+    raw = env.get(variable)
+    if raw is None:
+        return default
+    try:
+        return _ENV_FIELDS[name](raw)
+    except ValueError:
+        raise ConfigError(f"{variable} does not parse: {raw!r}") from None
+
+
 @attrs.frozen(kw_only=True)
 class Settings:
     """Everything an :class:`AsyncClient` can be configured with.
 
-    Every field is also accepted as a keyword argument of ``AsyncClient(...)`` and
-    ``whisperr.init(...)``. Durations are in seconds. Derive variants with ``attrs.evolve``.
+    Every field is also accepted as a keyword argument of ``AsyncClient(...)``, ``Client(...)``
+    and ``whisperr.init(...)``. A plain field not passed is read from ``WHISPERR_<NAME>`` when
+    that variable is set (``WHISPERR_API_KEY``, ``WHISPERR_BASE_URL``, ...), else it takes its
+    default: an explicit argument always wins. Durations are in seconds. Derive variants with
+    ``attrs.evolve``.
+
+    Raises:
+        ConfigError: a value is invalid, or a ``WHISPERR_*`` variable does not parse.
     """
 
-    api_key: str | None = attrs.field(default=None, repr=False)
-    base_url: str = attrs.field(default=DEFAULT_BASE_URL, converter=_normalise_url)
-    app_version: str | None = None
-    max_batch_size: int = attrs.field(default=MAX_BATCH_SIZE)
-    max_batch_bytes: int = attrs.field(default=DEFAULT_MAX_BATCH_BYTES)
-    flush_interval: float = attrs.field(default=DEFAULT_FLUSH_INTERVAL, validator=_positive)
-    max_queue_size: int = attrs.field(default=DEFAULT_MAX_QUEUE_SIZE, validator=_positive)
-    overflow: Overflow = attrs.field(default="drop_oldest")
-    max_retries: int = attrs.field(default=DEFAULT_MAX_RETRIES, validator=_non_negative)
-    backoff_base: float = attrs.field(default=DEFAULT_BACKOFF_BASE, validator=_non_negative)
-    backoff_cap: float = attrs.field(default=DEFAULT_BACKOFF_CAP, validator=_non_negative)
-    request_timeout: float = attrs.field(default=DEFAULT_REQUEST_TIMEOUT, validator=_positive)
-    shutdown_timeout: float = attrs.field(default=DEFAULT_SHUTDOWN_TIMEOUT, validator=_non_negative)
-    max_concurrency: int = attrs.field(default=DEFAULT_MAX_CONCURRENCY, validator=_positive)
+    api_key: str | None = attrs.field(default=_env("api_key", None), repr=False)
+    base_url: str = attrs.field(
+        default=_env("base_url", DEFAULT_BASE_URL), converter=_normalise_url
+    )
+    app_version: str | None = _env("app_version", None)
+    max_batch_size: int = attrs.field(default=_env("max_batch_size", MAX_BATCH_SIZE))
+    max_batch_bytes: int = attrs.field(default=_env("max_batch_bytes", DEFAULT_MAX_BATCH_BYTES))
+    flush_interval: float = attrs.field(
+        default=_env("flush_interval", DEFAULT_FLUSH_INTERVAL), validator=_positive
+    )
+    max_queue_size: int = attrs.field(
+        default=_env("max_queue_size", DEFAULT_MAX_QUEUE_SIZE), validator=_positive
+    )
+    max_queue_bytes: int = attrs.field(
+        default=_env("max_queue_bytes", DEFAULT_MAX_QUEUE_BYTES), validator=_positive
+    )
+    overflow: Overflow = attrs.field(default=_env("overflow", "drop_oldest"))
+    max_retries: int = attrs.field(
+        default=_env("max_retries", DEFAULT_MAX_RETRIES), validator=_non_negative
+    )
+    backoff_base: float = attrs.field(
+        default=_env("backoff_base", DEFAULT_BACKOFF_BASE), validator=_non_negative
+    )
+    backoff_cap: float = attrs.field(
+        default=_env("backoff_cap", DEFAULT_BACKOFF_CAP), validator=_non_negative
+    )
+    request_timeout: float = attrs.field(
+        default=_env("request_timeout", DEFAULT_REQUEST_TIMEOUT), validator=_positive
+    )
+    shutdown_timeout: float = attrs.field(
+        default=_env("shutdown_timeout", DEFAULT_SHUTDOWN_TIMEOUT), validator=_non_negative
+    )
+    max_concurrency: int = attrs.field(
+        default=_env("max_concurrency", DEFAULT_MAX_CONCURRENCY), validator=_positive
+    )
     on_error: OnError | None = None
-    strict: bool = True
-    disabled: bool = False
-    allow_insecure_http: bool = False
+    strict: bool = _env("strict", True)
+    disabled: bool = _env("disabled", False)
+    allow_insecure_http: bool = _env("allow_insecure_http", False)
     http_client: httpx.AsyncClient | None = attrs.field(default=None)
     transport: httpx.AsyncBaseTransport | None = None
     clock: Callable[[], float] = time.time
@@ -149,25 +200,20 @@ class Settings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
-        """Build settings from ``WHISPERR_*`` environment variables, then ``overrides``.
+        """Build settings from ``WHISPERR_*`` variables of ``environ``, then ``overrides``.
 
-        Each plain field ``name`` is read from ``WHISPERR_<NAME>`` (for example
-        ``WHISPERR_API_KEY``, ``WHISPERR_BASE_URL``, ``WHISPERR_FLUSH_INTERVAL``,
-        ``WHISPERR_DISABLED``). Keyword arguments win over the environment.
+        ``Settings(**overrides)`` reads ``os.environ`` the same way; this form takes another
+        mapping (only it is read). Keyword arguments win over the environment.
 
         Raises:
             ConfigError: a variable does not parse, or the result is invalid.
         """
         env = os.environ if environ is None else environ
-        values: dict[str, Any] = {}
-        for name, parse in _ENV_FIELDS.items():
-            raw = env.get(f"WHISPERR_{name.upper()}")
-            if raw is None or name in overrides:
-                continue
-            try:
-                values[name] = parse(raw)
-            except ValueError:
-                raise ConfigError(f"WHISPERR_{name.upper()} does not parse: {raw!r}") from None
+        values = {
+            name: _parse_env(env, name, default)
+            for name, default in _BUILT_IN.items()
+            if name not in overrides
+        }
         return cls(**values, **overrides)
 
 
@@ -179,6 +225,7 @@ _ENV_FIELDS: dict[str, Callable[[str], Any]] = {
     "max_batch_bytes": int,
     "flush_interval": float,
     "max_queue_size": int,
+    "max_queue_bytes": int,
     "overflow": str,
     "max_retries": int,
     "backoff_base": float,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import math
 import os
 import re
 import time
@@ -21,7 +23,11 @@ _RFC3339 = re.compile(
     r"(\d{4}-\d{2}-\d{2})[Tt ](\d{2}:\d{2}:\d{2})(?:\.(\d+))?([Zz]|[+-]\d{2}:\d{2})"
 )
 MAX_FUTURE = 5 * 60.0
+# Accepted at capture but more than 4 minutes ahead, a stamp would be refused by a server whose
+# clock runs a minute behind ours: the same margin the send side keeps at the 30-day edge.
+FUTURE_MARGIN = 60.0
 MAX_PAST = 30 * 86400.0
+MAX_EVENT_TYPE = 255
 MAX_MESSAGE_ID = 200
 MAX_USER_ID = 1000  # not published by the API; long enough for any id, short enough to batch
 MAX_TRAITS_BYTES = 50_000
@@ -37,13 +43,56 @@ Item = tuple[str, str | None, float, bytes, str] | tuple[str, str | None, float,
 
 
 def check_user_id(value: object) -> str:
-    """Return ``value`` if it is a non-empty string, else raise."""
-    if not isinstance(value, str) or not value:
-        raise InvalidEventError("external_user_id", f"must be a non-empty string, got {value!r}")
-    if len(value) > MAX_USER_ID:
+    """Return ``value`` as an exact ``str`` if it is a non-empty string, else raise."""
+    text = _exact_str(value)
+    if not text:
+        raise InvalidEventError(
+            "external_user_id", f"must be a non-empty string, got {_show(value)}"
+        )
+    if len(text) > MAX_USER_ID:
         raise InvalidEventError("external_user_id", f"must be at most {MAX_USER_ID} characters")
-    _check_utf8("external_user_id", value)
-    return value
+    _check_utf8("external_user_id", text)
+    return text
+
+
+def _exact_str(value: object) -> str | None:
+    """``value`` as an exact ``str``, or None when it is not a string.
+
+    A subclass instance (an ``enum.StrEnum`` member, say) gives a plain copy of its characters,
+    so its own ``__eq__``, ``__len__``, ``strip`` or ``encode`` never decide a check. The test is
+    on ``type(value)``: ``isinstance`` believes an object whose ``__class__`` claims ``str``.
+    """
+    if type(value) is str:
+        return value
+    if issubclass(type(value), str):
+        return str.__str__(value)  # a real subclass (isinstance() may be told otherwise)
+    return None
+
+
+def _show(value: object) -> str:
+    """``repr(value)`` for an error message: cut to 120 characters, and never raising."""
+    try:
+        text = str.__str__(repr(value))
+    except Exception:
+        return f"<unprintable {_kind(value)}>"
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _kind(value: object) -> str:
+    """The name of ``value``'s type for an error message, never raising."""
+    try:
+        return str.__str__(type(value).__name__)
+    except Exception:
+        return "object"
+
+
+def _describe(exc: Exception) -> str:
+    """An exception raised by the caller's object, for an error message; never raising."""
+    try:
+        text = str.__str__(f"{_kind(exc)}: {exc}")
+    except Exception:
+        return _kind(exc)
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _check_utf8(field: str, value: str) -> None:
@@ -55,28 +104,50 @@ def _check_utf8(field: str, value: str) -> None:
 
 
 def check_event_type(value: object) -> str:
-    """Return ``value`` if it is lowercase snake_case, else raise."""
-    if not isinstance(value, str) or _EVENT_TYPE.fullmatch(value) is None:
+    """Return ``value`` as an exact ``str`` if it is lowercase snake_case, else raise.
+
+    A ``str`` subclass (an ``enum.StrEnum`` member) is accepted: its characters are copied into
+    a plain ``str`` and checked, and that copy is what the caller must keep.
+    """
+    text = _exact_str(value)
+    if text is not None and len(text) > MAX_EVENT_TYPE:
+        raise InvalidEventError("event_type", f"must be at most {MAX_EVENT_TYPE} characters")
+    if text is None or _EVENT_TYPE.fullmatch(text) is None:
         raise InvalidEventError(
             "event_type",
             f"must match ^[a-z0-9]+(?:_[a-z0-9]+)*$ (lowercase snake_case, e.g. 'payment_failed'),"
-            f" got {value!r}",
+            f" got {_show(value)}",
         )
-    return value
+    return text
 
 
 def encode_object(field: str, value: object) -> bytes:
     """Encode a mapping to JSON now, so later mutation by the caller cannot change it."""
     if type(value) is not dict:
-        if not isinstance(value, Mapping):
-            raise InvalidEventError(field, f"must be a mapping (dict), got {type(value).__name__}")
-        value = dict(value)
+        value = _as_dict(field, value)
     try:
         encoded = orjson.dumps(value)
-    except TypeError as exc:  # orjson.JSONEncodeError is a TypeError
-        raise InvalidEventError(field, f"must be JSON-serializable: {exc}") from None
+    except Exception as exc:  # orjson.JSONEncodeError is a TypeError; be safe with the rest
+        raise InvalidEventError(field, f"must be JSON-serializable: {_describe(exc)}") from None
     # orjson's result keeps its 4 KiB work buffer; a queued copy of the exact size takes ~100 B.
     return b"%b" % encoded
+
+
+def _as_dict(field: str, value: object) -> dict[Any, Any]:
+    """A plain ``dict`` copy of a mapping, else raise naming ``field``.
+
+    Reading a mapping runs the caller's code (``keys``, ``__iter__``, ``__getitem__``; a
+    ``UserDict`` changed by another thread meanwhile raises ``RuntimeError``): whatever it
+    raises is bad input, reported as :class:`InvalidEventError`.
+    """
+    try:
+        if isinstance(value, Mapping):
+            return dict(value)
+    except Exception as exc:
+        raise InvalidEventError(
+            field, f"could not be read as a mapping: {_describe(exc)}"
+        ) from None
+    raise InvalidEventError(field, f"must be a mapping (dict), got {_kind(value)}")
 
 
 def base_context(sdk_name: str, sdk_version: str, app_version: str | None) -> dict[str, str]:
@@ -89,27 +160,30 @@ def base_context(sdk_name: str, sdk_version: str, app_version: str | None) -> di
 
 def encode_context(context: object, base: Mapping[str, str]) -> tuple[bytes, str | None]:
     """Merge the caller's context over ``base``; return it encoded and any ``$message_id``."""
-    if not isinstance(context, Mapping):
+    own = context if type(context) is dict else _as_dict("context", context)
+    try:  # a key's own __eq__, or another thread changing the caller's dict meanwhile
+        merged = {**base, **own}
+        message_id = merged.pop("$message_id", None)
+    except Exception as exc:
         raise InvalidEventError(
-            "context", f"must be a mapping (dict), got {type(context).__name__}"
-        )
-    merged = {**base, **context}
-    message_id = merged.pop("$message_id", None)
+            "context", f"could not be read as a mapping: {_describe(exc)}"
+        ) from None
     if message_id is not None:
         message_id = check_message_id(message_id, "context.$message_id")
     return encode_object("context", merged), message_id
 
 
 def check_message_id(value: object, field: str = "message_id") -> str:
-    """Return a caller-supplied idempotency key if it follows the rules, else raise."""
-    if not isinstance(value, str) or not value or value != value.strip():
+    """Return a caller-supplied idempotency key, as an exact ``str``, if it follows the rules."""
+    text = _exact_str(value)
+    if not text or text != text.strip():
         raise InvalidEventError(
-            field, f"must be a non-empty string without outer spaces, got {value!r}"
+            field, f"must be a non-empty string without outer spaces, got {_show(value)}"
         )
-    if len(value) > MAX_MESSAGE_ID:
+    if len(text) > MAX_MESSAGE_ID:
         raise InvalidEventError(field, f"must be at most {MAX_MESSAGE_ID} characters")
-    _check_utf8(field, value)
-    return value
+    _check_utf8(field, text)
+    return text
 
 
 # Message ids are made 256 at a time from one read of the OS's random source: unlike the
@@ -125,15 +199,23 @@ _UUID_GROUPS = re.compile(r"(.{8})(.{4})(.{4})(.{4})(.{12})")
 
 
 def new_message_id() -> str:
-    """A random (version 4) UUID string."""
+    """A random (version 4) UUID string; safe to call from any thread, never raising.
+
+    ``ready_ids`` is shared and unlocked: a refill is made in a local list, the caller's id
+    taken from that, and only the rest handed over, so other threads emptying ``ready_ids``
+    meanwhile cannot leave this call without an id. (``ready_ids`` is never rebound: the
+    client keeps its bound ``pop``.)
+    """
     try:
         return ready_ids.pop()
     except IndexError:
         raw = bytearray(os.urandom(16 * 256))
         raw[6::16] = raw[6::16].translate(_VERSION)
         raw[8::16] = raw[8::16].translate(_VARIANT)
-        ready_ids.extend(map("-".join, _UUID_GROUPS.findall(raw.hex())))
-        return ready_ids.pop()
+        fresh = list(map("-".join, _UUID_GROUPS.findall(raw.hex())))
+        mine = fresh.pop()
+        ready_ids.extend(fresh)
+        return mine
 
 
 if hasattr(os, "register_at_fork"):
@@ -141,21 +223,33 @@ if hasattr(os, "register_at_fork"):
 
 
 def parse_occurred_at(value: object, now: float) -> float:
-    """Turn an aware datetime or RFC 3339 string into epoch seconds inside the server's window."""
-    if isinstance(value, str):
-        value = _parse_rfc3339(value)
+    """Turn an aware datetime or RFC 3339 string into epoch seconds inside the server's window.
+
+    The window is ``MAX_PAST`` back and ``MAX_FUTURE - FUTURE_MARGIN`` ahead of ``now``.
+    """
+    text = _exact_str(value)
+    if text is not None:
+        value = _parse_rfc3339(text)
     if not isinstance(value, datetime):
         raise InvalidEventError(
             "occurred_at",
-            f"must be an aware datetime or RFC 3339 string, got {type(value).__name__}",
+            f"must be an aware datetime or RFC 3339 string, got {_kind(value)}",
         )
-    if value.tzinfo is None or value.utcoffset() is None:
+    try:  # a tzinfo's utcoffset() and a subclass's timestamp() are the caller's code
+        aware = value.tzinfo is not None and value.utcoffset() is not None
+        stamp = float(value.timestamp()) if aware else 0.0
+    except Exception as exc:
+        raise InvalidEventError(
+            "occurred_at", f"could not be read as a date and time: {_describe(exc)}"
+        ) from None
+    if not aware:
         raise InvalidEventError(
             "occurred_at", "must be timezone-aware (a naive datetime is ambiguous)"
         )
-    stamp = value.timestamp()
-    if stamp > now + MAX_FUTURE:
-        raise InvalidEventError("occurred_at", "must not be more than 5 minutes in the future")
+    if not math.isfinite(stamp):
+        raise InvalidEventError("occurred_at", f"is not a real date and time: {stamp!r}")
+    if stamp > now + (MAX_FUTURE - FUTURE_MARGIN):
+        raise InvalidEventError("occurred_at", "must not be more than 4 minutes in the future")
     if stamp < now - MAX_PAST:
         raise InvalidEventError("occurred_at", "must not be more than 30 days in the past")
     return stamp
@@ -165,7 +259,7 @@ def _parse_rfc3339(value: str) -> datetime:
     match = _RFC3339.fullmatch(value)
     if match is None:
         raise InvalidEventError(
-            "occurred_at", f"must be an RFC 3339 timestamp with an offset, got {value!r}"
+            "occurred_at", f"must be an RFC 3339 timestamp with an offset, got {_show(value)}"
         )
     date, clock, fraction, offset = match.groups()
     # datetime.fromisoformat() of Python 3.10 takes only 3 or 6 fractional digits and no "Z".
@@ -174,7 +268,9 @@ def _parse_rfc3339(value: str) -> datetime:
     try:
         return datetime.fromisoformat(f"{date}T{clock}.{micros}{offset}")
     except ValueError:
-        raise InvalidEventError("occurred_at", f"is not a real date and time: {value!r}") from None
+        raise InvalidEventError(
+            "occurred_at", f"is not a real date and time: {_show(value)}"
+        ) from None
 
 
 @lru_cache(maxsize=64)
@@ -264,7 +360,8 @@ def rejected_count(content: bytes) -> int:
     except orjson.JSONDecodeError:
         return 0
     rejected = answer.get("rejected") if isinstance(answer, dict) else None
-    return rejected if isinstance(rejected, int) and rejected > 0 else 0
+    # type(), not isinstance(): true is an int too, and {"rejected": true} counts nothing.
+    return rejected if type(rejected) is int and rejected > 0 else 0
 
 
 def encode_identify(
@@ -283,11 +380,13 @@ def encode_identify(
         if encoded != b"{}":
             body["traits"] = orjson.Fragment(encoded)
     if preferred_channel is not None:
-        if preferred_channel not in CHANNEL_TYPES:
+        preferred = _exact_str(preferred_channel)
+        if preferred not in CHANNEL_TYPES:
             raise InvalidEventError(
-                "preferred_channel", f"must be one of email, sms, push, got {preferred_channel!r}"
+                "preferred_channel",
+                f"must be one of email, sms, push, got {_show(preferred_channel)}",
             )
-        body["preferred_channel"] = preferred_channel
+        body["preferred_channel"] = preferred
     wire = [_channel(i, c) for i, c in enumerate(_sequence("channels", channels))]
     for kind, address in shortcuts:
         if address is not None:
@@ -299,34 +398,55 @@ def encode_identify(
     return b"%b" % orjson.dumps(body)
 
 
-def _sequence(field: str, value: object) -> Sequence[object]:
+def _sequence(field: str, value: object) -> list[object]:
+    """The items of a list argument, read once (at most one past ``MAX_CHANNELS``)."""
     if value is None:
-        return ()
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-        raise InvalidEventError(field, f"must be a list, got {type(value).__name__}")
-    return value
+        return []
+    try:
+        if not isinstance(value, (str, bytes)) and isinstance(value, Sequence):
+            return list(itertools.islice(value, MAX_CHANNELS + 1))
+    except Exception as exc:  # the caller's __iter__ or __getitem__
+        raise InvalidEventError(field, f"could not be read as a list: {_describe(exc)}") from None
+    raise InvalidEventError(field, f"must be a list, got {_kind(value)}")
+
+
+_CHANNEL_KEYS = frozenset({"channel", "type", "address", "opted_in", "verified"})
 
 
 def _channel(index: int, spec: object) -> dict[str, object]:
     field = f"channels[{index}]"
-    if not isinstance(spec, Mapping):
-        raise InvalidEventError(field, f"must be a mapping, got {type(spec).__name__}")
-    unknown = set(spec) - {"channel", "type", "address", "opted_in", "verified"}
+    if type(spec) is not dict:
+        spec = _as_dict(field, spec)
+    try:  # another thread may change the caller's dict meanwhile
+        pairs = list(spec.items())
+    except Exception as exc:
+        raise InvalidEventError(
+            field, f"could not be read as a mapping: {_describe(exc)}"
+        ) from None
+    unknown = [key for key, _ in pairs if _exact_str(key) not in _CHANNEL_KEYS]
     if unknown:
-        raise InvalidEventError(field, f"has unknown keys {sorted(map(str, unknown))}")
-    kind = spec.get("channel", spec.get("type"))
+        raise InvalidEventError(
+            field, f"has unknown keys [{', '.join(sorted(map(_show, unknown)))}]"
+        )
+    found = {_exact_str(key): value for key, value in pairs}
+    given = found.get("channel", found.get("type"))
+    kind = _exact_str(given)
     if kind not in CHANNEL_TYPES:
         raise InvalidEventError(
-            f"{field}.channel", f"must be one of email, sms, push, got {kind!r}"
+            f"{field}.channel", f"must be one of email, sms, push, got {_show(given)}"
         )
-    address = spec.get("address")
-    if not isinstance(address, str) or not address.strip():
-        raise InvalidEventError(f"{field}.address", f"must be a non-empty string, got {address!r}")
+    given = found.get("address")
+    address = _exact_str(given)
+    if not address or not address.strip():
+        raise InvalidEventError(
+            f"{field}.address", f"must be a non-empty string, got {_show(given)}"
+        )
+    _check_utf8(f"{field}.address", address)
     wire: dict[str, object] = {"channel": kind, "address": address}
     for flag, default in (("opted_in", True), ("verified", None)):
-        value = spec.get(flag, default)
-        if value is not None and not isinstance(value, bool):
-            raise InvalidEventError(f"{field}.{flag}", f"must be a bool, got {value!r}")
+        value = found.get(flag, default)
+        if value is not None and type(value) is not bool:
+            raise InvalidEventError(f"{field}.{flag}", f"must be a bool, got {_show(value)}")
         if value is not None:
             wire[flag] = value
     return wire

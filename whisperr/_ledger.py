@@ -1,7 +1,13 @@
-"""The ledger: every event's fate is counted, and every event not delivered is reported."""
+"""The ledger: every event's fate is counted, and every event not delivered is reported.
+
+Lifetime: one per client, replaced in a forked child. The counters change only through its
+methods; the drops made on callers' paths (any thread) are counted at once and reported in
+aggregate, one report per reason, when the runner calls :meth:`Ledger.report_capture_drops`.
+"""
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 import logging
 import threading
@@ -17,6 +23,10 @@ from ._models import DeliveryReport, ReportType
 
 logger = logging.getLogger("whisperr")
 
+# True while an on_error hook runs (and in the tasks of async hooks): flush() and aclose()
+# called from a hook start their work but do not wait for the runner that is calling the hook.
+in_hook: contextvars.ContextVar[bool] = contextvars.ContextVar("whisperr_in_hook", default=False)
+
 
 @attrs.define(eq=False)
 class Ledger:
@@ -28,29 +38,58 @@ class Ledger:
     on_error: OnError | None
     delivered: int = 0
     retried: int = 0
-    refused: int = 0  # dropped at capture, never queued: invalid (strict=False) or drop_newest
+    refused: int = 0  # dropped at capture, never queued: invalid (strict=False) or overflow
     dropped: Counter[str] = attrs.field(factory=Counter)
     last_error: DeliveryReport | None = None
     spawn: Callable[..., object] | None = None
-    _at_capture: list[tuple[str, str]] = attrs.field(factory=list)
+    _at_capture: list[tuple[str, str, str]] = attrs.field(factory=list)
     _lock: threading.Lock = attrs.field(factory=threading.Lock)
 
-    def drop_at_capture(self, reason: str, message_id: str, *, queued: bool) -> None:
-        """Count an event dropped on the caller's path (any thread); it is reported later."""
+    def reset(self) -> None:
+        """Zero every counter (in a forked child: the parent's events are the parent's)."""
+        self.delivered = self.retried = self.refused = 0
+        self.dropped = Counter()
+        self.last_error = None
+        self.spawn = None
+        self._at_capture = []
+        self._lock = threading.Lock()
+
+    def drop_at_capture(
+        self, reason: str, message_id: str, *, queued: bool, detail: str = ""
+    ) -> bool:
+        """Count an event dropped on the caller's path (any thread); it is reported later.
+
+        Returns whether it is the first drop waiting to be reported (the runner needs a wake).
+        """
         with self._lock:
             self.dropped[reason] += 1
             self.refused += not queued
-            self._at_capture.append((reason, message_id))
+            self._at_capture.append((reason, message_id, detail))
+            return len(self._at_capture) == 1
+
+    @property
+    def capture_drops_pending(self) -> bool:
+        return bool(self._at_capture)
 
     def report_capture_drops(self) -> None:
         """Report the events dropped on the caller's path so far, one report per reason."""
         with self._lock:
             pending, self._at_capture = self._at_capture, []
-        for reason in dict.fromkeys(r for r, _ in pending):
-            ids = tuple(mid for r, mid in pending if r == reason and mid)
-            count = sum(1 for r, _ in pending if r == reason)
-            message = f"{count} events dropped at capture ({reason})"
-            self.report("dropped", reason, message, None, count, ids, counted=True)
+        for reason in dict.fromkeys(r for r, _, _ in pending):
+            mine = [(mid, detail) for r, mid, detail in pending if r == reason]
+            ids = tuple(mid for mid, _ in mine if mid)
+            message = f"{len(mine)} events dropped at capture ({reason})"
+            if mine[-1][1]:
+                message += f"; the last: {mine[-1][1]}"
+            self.report("dropped", reason, message, None, len(mine), ids, counted=True)
+
+    def deliver(self, count: int) -> None:
+        self.delivered += count
+
+    def retry(self, count: int, report: DeliveryReport) -> None:
+        """Count a failed attempt about to be retried; it becomes ``last_error``."""
+        self.retried += count
+        self.last_error = report
 
     def drop(
         self, items: Sequence[Item], reason: str, message: str, status: int | None = None
@@ -82,17 +121,19 @@ class Ledger:
         )
         if self.on_error is None:
             return
+        token = in_hook.set(True)
         try:
             result = self.on_error(report)
+            if inspect.isawaitable(result):
+                if self.spawn is not None:
+                    self.spawn(_await_hook, result)  # the task copies the context: in_hook
+                else:
+                    logger.warning("whisperr: an async on_error hook was called outside the runner")
+                    getattr(result, "close", lambda: None)()
         except Exception:
             logger.exception("whisperr: the on_error hook raised; delivery goes on")
-            return
-        if inspect.isawaitable(result):
-            if self.spawn is not None:
-                self.spawn(_await_hook, result)
-            else:
-                logger.warning("whisperr: an async on_error hook was called outside the runner")
-                getattr(result, "close", lambda: None)()
+        finally:
+            in_hook.reset(token)
 
 
 async def _await_hook(result: Awaitable[Any]) -> None:

@@ -7,7 +7,7 @@ from typing import Literal
 
 import attrs
 
-ReportType = Literal["auth", "retry_exhausted", "dropped"]
+ReportType = Literal["auth", "retry_exhausted", "dropped", "retrying"]
 
 
 @attrs.frozen
@@ -16,7 +16,9 @@ class DeliveryReport:
 
     Attributes:
         type: ``"auth"`` (key rejected; events kept), ``"retry_exhausted"`` (retries used up;
-            events kept for a later attempt) or ``"dropped"`` (events will never be delivered).
+            events kept for a later attempt) or ``"dropped"`` (events will never be delivered);
+            ``"retrying"`` only in ``stats().last_error``: an attempt failed and is retried
+            (never handed to ``on_error``).
         reason: a finer cause, for example ``"unauthorized"``, ``"server_error"``,
             ``"rate_limited"``, ``"network_error"``, ``"rejected"``, ``"payload_too_large"``,
             ``"partially_rejected"``, ``"expired"``, ``"queue_overflow"``, ``"invalid"`` or

@@ -1,31 +1,21 @@
-"""Client: a blocking facade that runs an AsyncClient on a private event-loop thread."""
+"""Client: the blocking facade, for code without an event loop; delivery on its own thread."""
 
 from __future__ import annotations
 
-import asyncio
-import atexit
-import concurrent.futures
 import functools
 import inspect
-import logging
-import os
-import threading
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, ParamSpec, TypeVar, final
 
-from ._client import _CLOSED, _FINAL_HOOK_BUDGET, AsyncClient
+from ._client import AsyncClient
 from ._config import Settings
-from ._errors import ClientClosedError
 from ._models import FlushResult, Stats
+from ._runner import RunnerState
 
 T = TypeVar("T")
 R = TypeVar("R")
 P = ParamSpec("P")
-logger = logging.getLogger("whisperr")
-# Slack on top of a caller's timeout for the hop to the loop thread and back, and for an async
-# on_error hook to take the reports made at close.
-_MARGIN = 1.0 + _FINAL_HOOK_BUDGET
 
 
 @final
@@ -33,28 +23,26 @@ class Client:
     """A client for code without an event loop: WSGI apps, scripts, Celery and cron jobs.
 
     ``track()`` and ``identify()`` are the same non-blocking calls as on :class:`AsyncClient`
-    and are safe from any thread; delivery runs on a private daemon thread with its own event
-    loop. Close it with ``close()`` or ``with whisperr.Client(...) as client:``. A process that
-    exits without closing it still delivers what is queued, within ``shutdown_timeout``, from an
-    ``atexit`` hook; it never hangs the exit beyond that budget. After ``os.fork()`` the child's
-    client starts empty with its own thread; the parent keeps and delivers its own events.
+    and are safe from any thread; delivery runs on the client's own daemon thread with its own
+    event loop, started when there is something to deliver. Close it with ``close()`` or
+    ``with whisperr.Client(...) as client:``. A process that exits without closing it still
+    delivers what is queued, within ``shutdown_timeout``; it never hangs the exit beyond that
+    budget. After ``os.fork()`` the child's client starts empty; the parent keeps and delivers
+    its own events.
 
     Args:
-        settings: a :class:`Settings`; keyword arguments override its fields.
+        settings: a :class:`Settings`; keyword arguments override its fields. Fields given in
+            neither are read from ``WHISPERR_*`` environment variables, else take their defaults.
         **overrides: any :class:`Settings` field.
     """
 
     def __init__(self, settings: Settings | None = None, **overrides: Any) -> None:
         self._async = AsyncClient(settings, **overrides)
-        self._lock = threading.Lock()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._pid = os.getpid()
-        self._closed = False
-        atexit.register(self._at_exit)
+        self._runner = self._async._runner
+        self._runner.own_thread_only = True
 
     def __repr__(self) -> str:
-        return f"<Client {self._async.settings.base_url} closed={self._closed}>"
+        return f"<Client {self._async.settings.base_url} {self._runner.state.value}>"
 
     @property
     def settings(self) -> Settings:
@@ -72,7 +60,6 @@ class Client:
         message_id: str | None = None,
     ) -> str:
         """Queue an event; see :meth:`AsyncClient.track`. Never blocks."""
-        self._ensure_thread()
         return self._async.track(
             external_user_id, event_type, properties, context,
             occurred_at=occurred_at, message_id=message_id,
@@ -90,55 +77,39 @@ class Client:
         channels: Sequence[Mapping[str, Any]] | None = None,
     ) -> None:
         """Queue an identify; see :meth:`AsyncClient.identify`. Never blocks."""
-        self._ensure_thread()
         self._async.identify(
             external_user_id, traits, email=email, phone=phone, push_token=push_token,
             preferred_channel=preferred_channel, channels=channels,
         )  # fmt: skip
 
     def flush(self, timeout: float | None = None) -> FlushResult:
-        """Block until everything tracked before the call is settled, or ``timeout`` passes."""
-        if self._closed:
-            return self._async_result()
-        return self._call(self._async.flush(timeout), timeout)
+        """Block until everything tracked before the call is settled, or ``timeout`` passes.
+
+        Called on the delivery thread itself (from an ``on_error`` hook), it starts the flush
+        and returns at once.
+        """
+        before = self._async._counts()
+        if self._runner.state is RunnerState.CLOSED or self.settings.disabled:
+            return self._async._result(before, timed_out=False)
+        settled = self._runner.flush_blocking(timeout)
+        return self._async._result(before, timed_out=not settled and timeout is not None)
 
     def close(self, timeout: float | None = None) -> FlushResult:
-        """Deliver what is queued within ``timeout`` (default ``shutdown_timeout``), then stop."""
-        with self._lock:
-            if self._closed:
-                return self._async_result()
-            self._closed = True
-        atexit.unregister(self._at_exit)
+        """Deliver what is queued within ``timeout`` (default ``shutdown_timeout``), then stop.
+
+        Everything not delivered by then is counted as dropped and reported.
+        """
+        before = self._async._counts()
         if timeout is None:
-            timeout = self._async.settings.shutdown_timeout
-        if self._loop is None or self._pid != os.getpid():
-            self._ensure_thread(starting_close=True)
-        before = self._async.stats()
-        try:
-            return self._call(self._async.aclose(timeout), timeout)
-        except concurrent.futures.TimeoutError:
-            logger.error("whisperr: close() overran its %.1fs budget; giving up", timeout)
-            now = self._async.stats()
-            return FlushResult(
-                delivered=now.delivered - before.delivered,
-                dropped=now.dropped - before.dropped,
-                pending=now.queued + now.in_flight,
-                timed_out=True,
-            )
-        finally:
-            self._stop_thread()
+            timeout = self.settings.shutdown_timeout
+        finished = self._runner.close_blocking(timeout)
+        return self._async._result(before, timed_out=not finished)
 
     def stats(self) -> Stats:
         """A frozen snapshot of the counters; see :meth:`AsyncClient.stats`."""
-        loop, thread = self._loop, self._thread
-        if loop is None or self._closed or not loop.is_running():
-            return self._async.stats()
-        if thread is not None and threading.get_ident() == thread.ident:
-            return self._async.stats()  # e.g. from the on_error hook, on the loop thread
-        return self._call(_call_async(self._async.stats), None)
+        return self._async.stats()
 
     def __enter__(self) -> Client:
-        self._ensure_thread()
         return self
 
     def __exit__(
@@ -148,49 +119,6 @@ class Client:
         tb: TracebackType | None,
     ) -> None:
         self.close()
-
-    def _ensure_thread(self, *, starting_close: bool = False) -> None:
-        if self._loop is not None and self._pid == os.getpid():
-            return
-        with self._lock:
-            if self._closed and not starting_close:
-                raise ClientClosedError(_CLOSED)
-            if self._loop is not None and self._pid == os.getpid():
-                return
-            self._pid = os.getpid()  # a forked child starts its own loop thread
-            loop = asyncio.new_event_loop()
-            thread = threading.Thread(target=loop.run_forever, name="whisperr-client", daemon=True)
-            thread.start()
-            asyncio.run_coroutine_threadsafe(self._async.__aenter__(), loop).result()
-            self._loop, self._thread = loop, thread
-
-    def _call(self, coroutine: Coroutine[Any, Any, T], timeout: float | None) -> T:
-        self._ensure_thread(starting_close=True)
-        assert self._loop is not None
-        future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
-        return future.result(None if timeout is None else timeout + _MARGIN)
-
-    def _stop_thread(self) -> None:
-        loop, thread = self._loop, self._thread
-        if loop is None or thread is None:
-            return
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(_MARGIN)
-        if not thread.is_alive():
-            loop.close()
-
-    def _async_result(self) -> FlushResult:
-        return FlushResult(
-            delivered=0, dropped=0, pending=self._async.stats().queued, timed_out=False
-        )
-
-    def _at_exit(self) -> None:
-        if self._pid == os.getpid() and self._loop is not None:
-            self.close()
-
-
-async def _call_async(function: Callable[[], T]) -> T:
-    return function()
 
 
 def flush_after(

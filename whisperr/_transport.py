@@ -32,9 +32,11 @@ class Outcome:
     rejected: int = 0
 
 
-def backoff(attempt: int, base: float, cap: float) -> float:
-    """Capped exponential backoff with full jitter: uniform in [0, min(cap, base * 2**attempt)]."""
-    return random.uniform(0.0, min(cap, base * 2.0 ** min(attempt, 62)))
+def backoff(attempt: int, base: float, cap: float, jitter: float = 1.0) -> float:
+    """Capped exponential backoff: ``min(cap, base * 2**attempt)``, less a random share of up
+    to ``jitter`` of it (1.0: full jitter, uniform in [0, ceiling])."""
+    ceiling = min(cap, base * 2.0 ** min(attempt, 62))
+    return ceiling * random.uniform(1.0 - jitter, 1.0)
 
 
 def parse_retry_after(value: str | None, now: float) -> float | None:

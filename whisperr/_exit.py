@@ -1,0 +1,89 @@
+"""Process life: what every client does at interpreter exit, after a fork, and on SIGTERM.
+
+- At interpreter exit (``atexit``), every client not closed delivers what it holds within its
+  ``shutdown_timeout``, then reports the rest.
+- In a forked child, every client starts empty (the parent's queue stays the parent's), and
+  ``os._exit`` first delivers what the child tracked: ``multiprocessing`` and billiard (Celery's
+  prefork pool) end their children with ``os._exit``, which skips ``atexit``.
+- :func:`exit_on_sigterm`, the opt-in for plain scripts and workers: SIGTERM becomes a normal
+  exit (``SystemExit(143)``), so the exit delivery above runs.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import signal
+import sys
+import threading
+import weakref
+from collections.abc import Callable
+from types import FrameType
+from typing import Any, NoReturn, Protocol
+
+logger = logging.getLogger("whisperr")
+
+
+class _Lifelong(Protocol):
+    def _after_fork(self) -> None: ...
+    def _close_at_exit(self) -> None: ...
+
+
+_clients: weakref.WeakSet[Any] = weakref.WeakSet()
+_real_exit: Callable[[int], NoReturn] = os._exit
+
+
+def register(client: _Lifelong) -> None:
+    """Include ``client`` in the exit and fork handling, for as long as it lives."""
+    _clients.add(client)
+
+
+def _close_all() -> None:
+    for client in list(_clients):
+        try:
+            client._close_at_exit()
+        except Exception:  # one client must not keep the others from delivering
+            logger.exception("whisperr: delivering at exit failed")
+
+
+def _after_fork_in_child() -> None:
+    for client in list(_clients):
+        client._after_fork()
+    os._exit = _exit_delivering
+
+
+def _exit_delivering(status: int) -> NoReturn:
+    """``os._exit`` in a forked child: deliver what this process tracked, then exit."""
+    _close_all()
+    _real_exit(status)
+
+
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into a normal interpreter exit, so that queued events are delivered.
+
+    A process stopped with SIGTERM (``docker stop``, ``kill``, a process manager) dies at once
+    by default, and what it still holds in memory is lost. After this call, SIGTERM raises
+    ``SystemExit(143)`` in the main thread instead: ``finally`` blocks and context managers
+    unwind, and the exit delivery runs (within ``shutdown_timeout``). A handler installed
+    before is called first. Call it from the main thread of a plain script or worker; servers
+    and frameworks that handle SIGTERM themselves (uvicorn, gunicorn, Celery) need nothing.
+
+    Raises:
+        ValueError: not called from the main thread (a limit of ``signal.signal``).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        raise ValueError("whisperr.exit_on_sigterm() must be called from the main thread")
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        if callable(previous) and previous is not handler:
+            previous(signum, frame)
+        sys.exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+atexit.register(_close_all)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

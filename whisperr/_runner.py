@@ -1,0 +1,417 @@
+"""The runner: the background work's life, in whichever host can serve it.
+
+A host is where the runner's serve loop runs: a task of the caller's event loop (asyncio or
+trio), or the client's own delivery thread with its own asyncio loop, used when no loop of the
+caller can deliver (no loop ever ran in the tracking thread, the loop ended, a pre-fork
+master). When a caller's loop ends without ``aclose()``, the runner keeps what was in flight
+and moves to its own thread, which delivers the rest; at interpreter exit (and at ``os._exit``
+in a forked child, see ``_exit``) what is left is delivered within ``shutdown_timeout``, on
+the exiting thread if no thread may be started any more.
+
+Lifetime: one per client, reset in a forked child. Its state is a :class:`RunnerState`; every
+change of state or host happens under ``_lock``, from any thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import sys
+import threading
+import time
+
+import anyio
+import attrs
+import httpx
+
+from ._batches import Batch
+from ._config import Settings
+from ._delivery import Delivery
+from ._intake import Intake
+from ._ledger import Ledger, in_hook
+from ._schedule import Scheduler
+from ._signal import Schedule, Signal, loop_here
+
+logger = logging.getLogger("whisperr")
+
+FINAL_HOOK_BUDGET = 1.0  # seconds an async on_error hook may take over the reports at close
+CANCEL_GRACE = FINAL_HOOK_BUDGET + 1.0  # after a cancel, the final reports and the pool close
+LINGER = 5.0  # seconds the own thread stays idle before it ends (a later track() restarts it)
+
+
+class RunnerState(enum.Enum):
+    """Where the client's background work is in its life."""
+
+    IDLE = "idle"  # no host serves: nothing was tracked yet, or a host ended with work done
+    RUNNING = "running"  # a host serves the queue
+    CLOSING = "closing"  # aclose()/close() began: intake closed, a host drains under a deadline
+    CLOSED = "closed"  # everything was delivered or reported; nothing runs any more
+
+
+@attrs.define(eq=False)
+class Host:
+    """One stay of the runner in an event loop: a caller's, or the own thread's."""
+
+    schedule: Schedule  # the loop's thread-safe call_soon
+    loop: asyncio.AbstractEventLoop | None  # asyncio's, to tell a closed loop; None for trio
+    own: bool  # the client's own delivery thread (or the exiting thread, at exit)
+    thread: int = 0  # the ident of the thread the loop runs in, once it runs
+    done: Signal = attrs.field(factory=Signal)
+    scope: anyio.CancelScope | None = None
+    wakeup: anyio.Event | None = None
+
+    def ended(self) -> bool:
+        return self.loop is not None and self.loop.is_closed()
+
+    def wake(self) -> None:
+        """Wake the serve loop; only from the host's own thread."""
+        if self.wakeup is not None:
+            self.wakeup.set()
+
+    def cancel(self) -> None:
+        """Cancel the serve loop; only from the host's own thread."""
+        if self.scope is not None:
+            self.scope.cancel()
+
+
+class Runner:
+    """Starts, wakes, moves and closes the serve loop; see the module docstring."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        intake: Intake,
+        scheduler: Scheduler,
+        delivery: Delivery,
+        ledger: Ledger,
+    ) -> None:
+        self._settings = settings
+        self._intake = intake
+        self._scheduler = scheduler
+        self._delivery = delivery
+        self._ledger = ledger
+        self.own_thread_only = False  # the sync Client: never serve in a caller's loop
+        self._reset()
+
+    def _reset(self) -> None:
+        self._lock = threading.RLock()
+        self.state = RunnerState.IDLE
+        self._host: Host | None = None
+        self._next_capture_report = 0.0
+
+    def after_fork(self) -> None:
+        """In a forked child: the parent's host and work stay the parent's."""
+        closed = self.state in (RunnerState.CLOSING, RunnerState.CLOSED)
+        self._reset()
+        if closed:
+            self.state = RunnerState.CLOSED
+            self._intake.close()
+
+    @property
+    def host_kind(self) -> str:
+        host = self._host
+        return "none" if host is None else "own thread" if host.own else "event loop"
+
+    # -- start and wake, from any thread ---------------------------------------------------
+
+    def kick(self) -> None:
+        """Wake the serve loop, starting a host if none serves (the intake's wake callback)."""
+        host = self._host
+        if host is None or host.ended():
+            self.start()
+            return
+        self._scheduler.hold_wakes()
+        if threading.get_ident() == host.thread:
+            host.wake()
+            return
+        try:
+            host.schedule(host.wake)
+        except RuntimeError:  # that loop has ended (trio: RunFinishedError)
+            self._forget(host)
+            self.start()
+
+    def start(self, *, own_thread: bool = False) -> None:
+        """Start serving: in this thread's running loop, else on the own thread."""
+        if self._settings.disabled:
+            return
+        with self._lock:
+            host = self._host
+            if host is not None and host.ended():
+                self._forget(host)
+            if self._host is not None or self.state is RunnerState.CLOSED:
+                return
+            here = None if own_thread or self.own_thread_only else loop_here()
+            if here is None:
+                self._start_own_thread()
+            else:
+                self._start_in(*here)
+
+    def _start_in(self, schedule: Schedule, loop: asyncio.AbstractEventLoop | None) -> None:
+        host = self._host = Host(schedule, loop, own=False, thread=threading.get_ident())
+        if self.state is RunnerState.IDLE:
+            self.state = RunnerState.RUNNING
+        if loop is not None:
+            loop.create_task(self._serve_in(host), name="whisperr-runner")
+        else:
+            sys.modules["trio"].lowlevel.spawn_system_task(
+                self._serve_in, host, name="whisperr-runner"
+            )
+
+    def _start_own_thread(self) -> None:
+        loop = asyncio.new_event_loop()
+        host = self._host = Host(loop.call_soon_threadsafe, loop, own=True)
+        if self.state is RunnerState.IDLE:
+            self.state = RunnerState.RUNNING
+        thread = threading.Thread(
+            target=self._run_own, args=(host, None), name="whisperr-delivery", daemon=True
+        )
+        try:
+            thread.start()
+        except RuntimeError:  # the interpreter is exiting: the exit hook serves on its thread
+            self._host = None
+            loop.close()
+
+    def _run_own(self, host: Host, timeout: float | None) -> None:
+        """Run ``host``'s loop on this thread until the serve loop ends (within ``timeout``)."""
+        loop = host.loop
+        assert loop is not None
+        try:
+            loop.run_until_complete(self._serve_within(host, timeout))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        finally:
+            loop.close()
+
+    async def _serve_within(self, host: Host, timeout: float | None) -> None:
+        with anyio.move_on_after(timeout):
+            await self._serve_in(host)
+
+    def _forget(self, host: Host) -> None:
+        """A host's loop ended under the runner: keep its batches, and let another host start."""
+        with self._lock:
+            if self._host is host:
+                self._host = None
+                self._scheduler.cut_off()
+                if self.state is RunnerState.RUNNING:
+                    self.state = RunnerState.IDLE
+                self._intake.wake_at = 1
+
+    # -- the serve loop, inside a host ------------------------------------------------------
+
+    async def _serve_in(self, host: Host) -> None:
+        host.thread = threading.get_ident()
+        http = self._delivery.open()
+        finished = False
+        try:
+            with anyio.CancelScope() as host.scope:
+                await self._serve(host, http)
+                finished = True
+        finally:
+            await self._leave(host, http, finished)
+
+    async def _leave(self, host: Host, http: httpx.AsyncClient, finished: bool) -> None:
+        if self._host is not host:  # forgotten (its loop was closed under it): nothing to do
+            host.done.set()
+            return
+        restart = False
+        try:
+            with anyio.CancelScope(shield=True):
+                self._scheduler.cut_off()  # cut off mid-request: kept, sent again (same ids)
+                if self.state is RunnerState.CLOSING:
+                    await self._final_reports()
+                elif not finished:
+                    logger.info(
+                        "whisperr: the event loop ended without aclose(); "
+                        "the client's own thread delivers what is left"
+                    )
+                await self._delivery.close(http)
+        finally:
+            with self._lock:
+                self._host = None
+                self._intake.wake_at = 1
+                if self.state is RunnerState.CLOSING:
+                    self.state = RunnerState.CLOSED
+                    self._scheduler.barriers.release_all()
+                else:
+                    self.state = RunnerState.IDLE
+                    restart = not self._scheduler.idle() or self._ledger.capture_drops_pending
+                    if not finished:  # a loop ended: deliver all it left at once
+                        self._scheduler.barriers.drain_to = self._intake.end
+            host.done.set()
+            if restart:
+                self.start(own_thread=True)
+
+    async def _serve(self, host: Host, http: httpx.AsyncClient) -> None:
+        async with anyio.create_task_group() as tg:
+            self._ledger.spawn = tg.start_soon
+            try:
+                while (batch := await self._next_batch(host)) is not None:
+                    if batch.identify:
+                        await self._deliver(host, http, batch)
+                    else:
+                        tg.start_soon(self._deliver, host, http, batch)
+            finally:
+                self._ledger.spawn = None
+
+    async def _next_batch(self, host: Host) -> Batch | None:
+        """Wait until a batch should go out and return it; None once this stay is over."""
+        scheduler, ledger = self._scheduler, self._ledger
+        interval = self._settings.flush_interval
+        while True:
+            now = time.monotonic()
+            if ledger.capture_drops_pending and (
+                now >= self._next_capture_report or self.state is RunnerState.CLOSING
+            ):
+                self._next_capture_report = now + interval
+                ledger.report_capture_drops()
+            scheduler.release_waiters()
+            batch = scheduler.ready_batch(now)
+            if batch is not None:
+                return batch
+            if self.state is RunnerState.CLOSING and scheduler.drained(now):
+                return None
+            deadline = scheduler.next_deadline(now)
+            if ledger.capture_drops_pending:
+                report_in = max(self._next_capture_report - now, 0.0)
+                deadline = report_in if deadline is None else min(deadline, report_in)
+            lingering = host.own and deadline is None and scheduler.idle()
+            woken = await self._wait(host, LINGER if lingering else deadline)
+            if lingering and not woken and scheduler.idle() and self.state is RunnerState.RUNNING:
+                return None  # idle on the own thread: end it; the next track() starts another
+
+    async def _wait(self, host: Host, timeout: float | None) -> bool:
+        host.wakeup = event = anyio.Event()
+        with anyio.move_on_after(timeout):
+            await event.wait()
+        return event.is_set()
+
+    async def _deliver(self, host: Host, http: httpx.AsyncClient, batch: Batch) -> None:
+        scheduler = self._scheduler
+        outcome, failed = None, False
+        try:
+            outcome = await self._delivery.attempts(http, batch, scheduler.attempted)
+        except Exception:
+            logger.exception("whisperr: unexpected error while delivering; the batch is kept")
+            failed = True
+        finally:
+            if self._host is not host:
+                pass  # forgotten with its loop: the batch was kept already
+            elif failed:
+                scheduler.failed(batch, time.monotonic())
+            else:  # outcome None: cancelled mid-request, kept; it may be retried
+                scheduler.settle(batch, outcome, time.monotonic())
+            host.wake()
+
+    async def _final_reports(self) -> None:
+        """At close: report everything left; an async hook gets a second for the reports."""
+        with anyio.move_on_after(FINAL_HOOK_BUDGET):
+            async with anyio.create_task_group() as tg:
+                self._ledger.spawn = tg.start_soon
+                self._scheduler.account_undelivered()
+                self._ledger.report_capture_drops()
+        self._ledger.spawn = None
+
+    # -- flush and close -------------------------------------------------------------------
+
+    async def flush(self, timeout: float | None) -> bool:
+        """Wait in this loop until everything tracked before the call settles; False on timeout."""
+        waiter = self._scheduler.barriers.add(self._intake.end)
+        try:
+            self.kick()
+            if in_hook.get():
+                return False  # the runner calling the hook cannot also be awaited by it
+            return await waiter.done.wait(timeout)
+        finally:
+            self._scheduler.barriers.remove(waiter)
+
+    def flush_blocking(self, timeout: float | None) -> bool:
+        """:meth:`flush` for a thread without a loop; never blocks the host's own thread."""
+        waiter = self._scheduler.barriers.add(self._intake.end)
+        try:
+            self.kick()
+            host = self._host
+            if in_hook.get() or (host is not None and host.thread == threading.get_ident()):
+                return False
+            return waiter.done.wait_blocking(timeout)
+        finally:
+            self._scheduler.barriers.remove(waiter)
+
+    def begin_close(self) -> None:
+        """Stop intake and make the next stay a draining one (idempotent, any thread)."""
+        with self._lock:
+            if self.state in (RunnerState.CLOSING, RunnerState.CLOSED):
+                return
+            self._intake.close()
+            self._scheduler.closing = True
+            self._scheduler.barriers.new_round()
+            self.state = RunnerState.CLOSING
+            if self._settings.disabled:
+                self.state = RunnerState.CLOSED
+
+    async def aclose(self, timeout: float) -> bool:
+        """Close from a running loop, within ``timeout``; False if it had to be cut short."""
+        self.begin_close()
+        if in_hook.get():
+            self.kick()
+            return True
+        self.start()  # in this loop, if no host serves
+        host = self._host
+        if host is None:
+            return True  # closed already
+        self.kick()
+        if await host.done.wait(timeout):
+            return True
+        self._cancel(host)
+        await host.done.wait(CANCEL_GRACE)
+        return False
+
+    def close_blocking(self, timeout: float) -> bool:
+        """Close from a thread without a running loop (the sync Client, exit), within
+        ``timeout``; False if it had to be cut short. Serves on this thread if it must."""
+        self.begin_close()
+        with self._lock:
+            host = self._host
+            if host is not None and host.ended():
+                self._forget(host)
+                host = None
+            if host is None and self.state is RunnerState.CLOSING:
+                if loop_here() is None:
+                    loop = asyncio.new_event_loop()
+                    host = self._host = Host(loop.call_soon_threadsafe, loop, own=True)
+                    inline = True
+                else:  # called inside a running loop: a thread must serve
+                    self._start_own_thread()
+                    host, inline = self._host, False
+            else:
+                inline = False
+        if host is None:
+            return True
+        if inline:
+            self._run_own(host, timeout)
+            return host.done.is_set()
+        if in_hook.get() or host.thread == threading.get_ident():
+            self.kick()
+            return False  # the host's own thread (a hook) cannot wait for itself
+        self.kick()
+        if host.done.wait_blocking(timeout):
+            return True
+        self._cancel(host)
+        host.done.wait_blocking(CANCEL_GRACE)
+        return False
+
+    def close_at_exit(self) -> None:
+        """At interpreter exit (or ``os._exit`` in a forked child): deliver what is left."""
+        if self.state is RunnerState.CLOSED:
+            return
+        host = self._host
+        if host is not None and not host.own and host.loop and not host.loop.is_running():
+            self._forget(host)  # a caller's loop that will not run again
+        busy = self._host is not None or not self._scheduler.idle()
+        if not busy and not self._ledger.capture_drops_pending:
+            return
+        self.close_blocking(self._settings.shutdown_timeout)
+
+    def _cancel(self, host: Host) -> None:
+        with contextlib.suppress(RuntimeError):  # its loop ended: nothing left to cancel
+            host.schedule(host.cancel)
