@@ -104,7 +104,7 @@ class Intake:
             return  # disabled
         queue = self.queue
         if (
-            len(queue) >= self._max_size or self.bytes >= self._max_bytes
+            len(queue) >= self._max_size or self.bytes + size > self._max_bytes
         ) and not self._make_room(item, size):
             return
         queue.append(item)
@@ -116,7 +116,7 @@ class Intake:
 
     def _make_room(self, item: ev.Item, size: int) -> bool:
         """Apply the overflow policy; False when ``item`` itself is the one dropped."""
-        if self._drop_newest or size >= self._max_bytes:
+        if self._drop_newest or size > self._max_bytes:
             self._dropped(item[4], queued=False)
             return False
         with self.lock:
