@@ -366,3 +366,28 @@ def test_transport_errors_name_the_last_failure_at_close(api: Api) -> None:
     assert "name resolution failed" in dropped[-1].message
     stats = client.stats()
     assert stats.tracked == stats.dropped == 1
+
+
+def test_a_failing_runner_releases_its_waiters(
+    api: Api, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An unexpected error in the runner is logged and never leaves flush() or close() hanging;
+    the events stay queued and the next use starts a runner again."""
+    from whisperr._delivery import Delivery
+
+    original = Delivery.open
+
+    def broken(self: Delivery) -> httpx.AsyncClient:
+        raise RuntimeError("no pool today")
+
+    monkeypatch.setattr(Delivery, "open", broken)
+    client = whisperr.Client(api_key=API_KEY, transport=api.transport())
+    client.track("u", "a_b")
+    result = client.flush()  # no timeout: it must still return
+    assert result.pending == 1
+    assert "no pool today" in caplog.text
+    monkeypatch.setattr(Delivery, "open", original)
+    client.track("u", "a_b")
+    assert not client.flush(timeout=5).timed_out
+    assert len(api.events) == 2
+    client.close()

@@ -23,6 +23,9 @@ import threading
 import time
 
 import anyio
+
+# Imported now, not lazily by a delivery thread that a fork could catch halfway through it.
+import anyio._backends._asyncio
 import attrs
 import httpx
 
@@ -39,6 +42,14 @@ logger = logging.getLogger("whisperr")
 FINAL_HOOK_BUDGET = 1.0  # seconds an async on_error hook may take over the reports at close
 CANCEL_GRACE = FINAL_HOOK_BUDGET + 1.0  # after a cancel, the final reports and the pool close
 LINGER = 5.0  # seconds the own thread stays idle before it ends (a later track() restarts it)
+
+
+class Ending(enum.Enum):
+    """How one stay of the runner in a host ended."""
+
+    DONE = "done"  # the serve loop returned: drained at close, or idle on the own thread
+    CUT = "cut"  # cancelled: the caller's loop is ending, or a close ran out of time
+    FAILED = "failed"  # an unexpected error (logged)
 
 
 class RunnerState(enum.Enum):
@@ -180,8 +191,13 @@ class Runner:
         try:
             loop.run_until_complete(self._serve_within(host, timeout))
             loop.run_until_complete(loop.shutdown_asyncgens())
+        except Exception:  # the serve loop handles its own; this is the loop itself failing
+            logger.exception("whisperr: the delivery thread failed; what it holds is kept")
+            self._forget(host)
+            self._scheduler.barriers.release_all()
         finally:
             loop.close()
+            host.done.set()
 
     async def _serve_within(self, host: Host, timeout: float | None) -> None:
         with anyio.move_on_after(timeout):
@@ -201,16 +217,20 @@ class Runner:
 
     async def _serve_in(self, host: Host) -> None:
         host.thread = threading.get_ident()
-        http = self._delivery.open()
-        finished = False
+        ending = Ending.CUT
+        http = None
         try:
+            http = self._delivery.open()
             with anyio.CancelScope() as host.scope:
                 await self._serve(host, http)
-                finished = True
+                ending = Ending.DONE
+        except Exception:
+            logger.exception("whisperr: the runner failed; what it holds is kept")
+            ending = Ending.FAILED
         finally:
-            await self._leave(host, http, finished)
+            await self._leave(host, http, ending)
 
-    async def _leave(self, host: Host, http: httpx.AsyncClient, finished: bool) -> None:
+    async def _leave(self, host: Host, http: httpx.AsyncClient | None, ending: Ending) -> None:
         if self._host is not host:  # forgotten (its loop was closed under it): nothing to do
             host.done.set()
             return
@@ -220,12 +240,13 @@ class Runner:
                 self._scheduler.cut_off()  # cut off mid-request: kept, sent again (same ids)
                 if self.state is RunnerState.CLOSING:
                     await self._final_reports()
-                elif not finished:
+                elif ending is Ending.CUT:
                     logger.info(
                         "whisperr: the event loop ended without aclose(); "
                         "the client's own thread delivers what is left"
                     )
-                await self._delivery.close(http)
+                if http is not None:
+                    await self._delivery.close(http)
         finally:
             with self._lock:
                 self._host = None
@@ -233,10 +254,13 @@ class Runner:
                 if self.state is RunnerState.CLOSING:
                     self.state = RunnerState.CLOSED
                     self._scheduler.barriers.release_all()
+                elif ending is Ending.FAILED:  # no retry loop: the next track() starts again
+                    self.state = RunnerState.IDLE
+                    self._scheduler.barriers.release_all()
                 else:
                     self.state = RunnerState.IDLE
                     restart = not self._scheduler.idle() or self._ledger.capture_drops_pending
-                    if not finished:  # a loop ended: deliver all it left at once
+                    if ending is Ending.CUT:  # a loop ended: deliver all it left at once
                         self._scheduler.barriers.drain_to = self._intake.end
             host.done.set()
             if restart:
