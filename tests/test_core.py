@@ -391,3 +391,65 @@ def test_a_failing_runner_releases_its_waiters(
     assert not client.flush(timeout=5).timed_out
     assert len(api.events) == 2
     client.close()
+
+
+class TestRaces:
+    def test_a_close_while_the_own_thread_ends_still_delivers(
+        self, api: Api, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """An event tracked, then a close, while the idle own thread is ending: the close is
+        served by another stay, and the event is delivered, not lost or dropped."""
+        import whisperr._runner
+
+        monkeypatch.setattr(whisperr._runner, "LINGER", 0.01)
+        entered, release = threading.Event(), threading.Event()
+
+        class HeldClose(httpx.MockTransport):
+            async def aclose(self) -> None:
+                entered.set()
+                await anyio.to_thread.run_sync(release.wait, 5)
+
+        client = whisperr.Client(api_key=API_KEY, transport=HeldClose(api), shutdown_timeout=5)
+        client.track("u", "a_b", message_id="first")
+        assert not client.flush(timeout=5).timed_out
+        assert entered.wait(5), "the idle own thread did not end"
+        client.track("u", "a_b", message_id="second")  # its wake reaches the ending stay only
+        closer = threading.Thread(target=client.close)
+        closer.start()
+        while "closing" not in repr(client) and closer.is_alive():
+            closer.join(0.005)
+        release.set()
+        closer.join(5)
+        assert not closer.is_alive()
+        assert [e["context"]["$message_id"] for e in api.events] == ["first", "second"]
+        stats = client.stats()
+        assert (stats.tracked, stats.delivered, stats.dropped) == (2, 2, 0)
+
+    def test_a_flush_that_starts_after_the_close_returns(self) -> None:
+        """A waiter added once the client closed is done at once: nothing will settle it."""
+        from whisperr._schedule import FlushBarriers
+
+        barriers = FlushBarriers()
+        before = barriers.add(10)
+        barriers.close()
+        assert before.done.is_set()
+        assert barriers.add(20).done.is_set()
+
+    def test_track_never_raises_when_delivery_cannot_start(
+        self, api: Api, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """No file descriptor for a loop: track() still returns its id; the next use retries."""
+        import whisperr._runner
+
+        def no_loop() -> Any:
+            raise OSError(24, "Too many open files")
+
+        original = whisperr._runner._own_loop
+        monkeypatch.setattr(whisperr._runner, "_own_loop", no_loop)
+        client = whisperr.Client(api_key=API_KEY, transport=api.transport())
+        first = client.track("u", "a_b")
+        assert "could not start delivery" in caplog.text
+        monkeypatch.setattr(whisperr._runner, "_own_loop", original)
+        second = client.track("u", "a_b")
+        client.close(timeout=5)
+        assert [e["context"]["$message_id"] for e in api.events] == [first, second]

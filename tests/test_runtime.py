@@ -153,6 +153,22 @@ def test_script_that_forgets_to_close_still_delivers(server: LocalServer) -> Non
     assert len(set(stored_ids(server))) == 1000
 
 
+def test_exit_delivery_resolves_host_names(server: LocalServer) -> None:
+    """At exit no executor thread may start for DNS; a base_url with a host name still works."""
+    result = run_script(
+        f"""
+        import whisperr
+        client = whisperr.Client(base_url="{server.url.replace("127.0.0.1", "localhost")}",
+                                 flush_interval=60)
+        for i in range(3):
+            client.track("u", "at_exit", {{"i": i}})
+        """,
+        server,
+    )
+    assert result.returncode == 0, result.stderr
+    assert len(set(stored_ids(server))) == 3, result.stderr
+
+
 def test_exit_never_hangs_on_an_unreachable_server() -> None:
     """With the server down, a process exits within its shutdown budget, reporting the loss."""
     with socket.socket() as probe:

@@ -18,9 +18,11 @@ import asyncio
 import contextlib
 import enum
 import logging
+import socket
 import sys
 import threading
 import time
+from typing import Any
 
 import anyio
 
@@ -85,6 +87,22 @@ class Host:
         """Cancel the serve loop; only from the host's own thread."""
         if self.scope is not None:
             self.scope.cancel()
+
+
+class _OwnLoop(asyncio.SelectorEventLoop):
+    """The own thread's loop: at interpreter exit, when no executor thread may start for
+    ``getaddrinfo``, names are resolved on the loop's thread instead."""
+
+    async def getaddrinfo(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().getaddrinfo(*args, **kwargs)
+        except RuntimeError:  # "cannot schedule new futures after interpreter shutdown"
+            return socket.getaddrinfo(*args, **kwargs)
+
+
+def _own_loop() -> tuple[Schedule, asyncio.AbstractEventLoop]:
+    loop = _OwnLoop()
+    return loop.call_soon_threadsafe, loop
 
 
 class Runner:
@@ -154,10 +172,15 @@ class Runner:
             if self._host is not None or self.state is RunnerState.CLOSED:
                 return
             here = None if own_thread or self.own_thread_only else loop_here()
-            if here is None:
-                self._start_own_thread()
-            else:
-                self._start_in(*here)
+            try:
+                if here is None:
+                    self._start_own_thread()
+                else:
+                    self._start_in(*here)
+            except Exception:  # e.g. no file descriptor left for a loop: never out of track()
+                logger.exception("whisperr: could not start delivery; the next event tries again")
+                self._host = None
+                self._intake.wake_at = 1
 
     def _start_in(self, schedule: Schedule, loop: asyncio.AbstractEventLoop | None) -> None:
         host = self._host = Host(schedule, loop, own=False, thread=threading.get_ident())
@@ -171,8 +194,9 @@ class Runner:
             )
 
     def _start_own_thread(self) -> None:
-        loop = asyncio.new_event_loop()
-        host = self._host = Host(loop.call_soon_threadsafe, loop, own=True)
+        host = self._host = Host(*_own_loop(), own=True)
+        loop = host.loop
+        assert loop is not None
         if self.state is RunnerState.IDLE:
             self.state = RunnerState.RUNNING
         thread = threading.Thread(
@@ -235,10 +259,14 @@ class Runner:
             host.done.set()
             return
         restart = False
+        # A close that began as an idle stay was ending is served by the next stay, not here.
+        finalize = self.state is RunnerState.CLOSING and (
+            ending is not Ending.DONE or self._scheduler.drained(time.monotonic())
+        )
         try:
             with anyio.CancelScope(shield=True):
                 self._scheduler.cut_off()  # cut off mid-request: kept, sent again (same ids)
-                if self.state is RunnerState.CLOSING:
+                if finalize:
                     await self._final_reports()
                 elif ending is Ending.CUT:
                     logger.info(
@@ -251,9 +279,11 @@ class Runner:
             with self._lock:
                 self._host = None
                 self._intake.wake_at = 1
-                if self.state is RunnerState.CLOSING:
+                if finalize:
                     self.state = RunnerState.CLOSED
-                    self._scheduler.barriers.release_all()
+                    self._scheduler.barriers.close()
+                elif self.state is RunnerState.CLOSING:
+                    restart = True  # the close began during this stay's end: drain in another
                 elif ending is Ending.FAILED:  # no retry loop: the next track() starts again
                     self.state = RunnerState.IDLE
                     self._scheduler.barriers.release_all()
@@ -379,50 +409,55 @@ class Runner:
         if in_hook.get():
             self.kick()
             return True
-        self.start()  # in this loop, if no host serves
-        host = self._host
-        if host is None:
-            return True  # closed already
-        self.kick()
-        if await host.done.wait(timeout):
-            return True
-        self._cancel(host)
-        await host.done.wait(CANCEL_GRACE)
-        return False
+        deadline = time.monotonic() + timeout
+        while self.state is not RunnerState.CLOSED:
+            self.start()  # in this loop, if no host serves
+            host = self._host
+            if host is None:
+                return False  # no host could start (logged)
+            self.kick()
+            if not await host.done.wait(max(deadline - time.monotonic(), 0.0)):
+                self._cancel(host)
+                await host.done.wait(CANCEL_GRACE)
+                return False
+            # A stay that was ending as the close began ends without closing: serve again.
+        return True
 
     def close_blocking(self, timeout: float) -> bool:
         """Close from a thread without a running loop (the sync Client, exit), within
         ``timeout``; False if it had to be cut short. Serves on this thread if it must."""
         self.begin_close()
-        with self._lock:
-            host = self._host
-            if host is not None and host.ended():
-                self._forget(host)
-                host = None
-            if host is None and self.state is RunnerState.CLOSING:
-                if loop_here() is None:
-                    loop = asyncio.new_event_loop()
-                    host = self._host = Host(loop.call_soon_threadsafe, loop, own=True)
-                    inline = True
-                else:  # called inside a running loop: a thread must serve
-                    self._start_own_thread()
-                    host, inline = self._host, False
-            else:
-                inline = False
-        if host is None:
-            return True
-        if inline:
-            self._run_own(host, timeout)
-            return host.done.is_set()
-        if in_hook.get() or host.thread == threading.get_ident():
+        if in_hook.get():
             self.kick()
-            return False  # the host's own thread (a hook) cannot wait for itself
-        self.kick()
-        if host.done.wait_blocking(timeout):
-            return True
-        self._cancel(host)
-        host.done.wait_blocking(CANCEL_GRACE)
-        return False
+            return False
+        deadline = time.monotonic() + timeout
+        while self.state is not RunnerState.CLOSED:
+            remaining = max(deadline - time.monotonic(), 0.0)
+            with self._lock:
+                host = self._host
+                if host is not None and host.ended():
+                    self._forget(host)
+                    host = None
+                inline = host is None and loop_here() is None
+                if inline:
+                    host = self._host = Host(*_own_loop(), own=True)
+                elif host is None:  # called inside a running loop: a thread must serve
+                    self._start_own_thread()
+                    host = self._host
+            if host is None:
+                return False
+            if inline:
+                self._run_own(host, remaining)
+                continue
+            if host.thread == threading.get_ident():
+                self.kick()
+                return False  # the host's own thread (a sync hook) cannot wait for itself
+            self.kick()
+            if not host.done.wait_blocking(remaining):
+                self._cancel(host)
+                host.done.wait_blocking(CANCEL_GRACE)
+                return False
+        return True
 
     def close_at_exit(self) -> None:
         """At interpreter exit (or ``os._exit`` in a forked child): deliver what is left."""

@@ -40,12 +40,17 @@ class FlushBarriers:
         self.round = 0
         self._waiters: list[Waiter] = []
         self.drain_to = 0  # positions below it go out at once, without a waiter (a loop ended)
+        self._closed = False
 
     def add(self, target: int) -> Waiter:
+        """A waiter for ``target``; already done once the client closed (nothing will settle)."""
         with self._lock:
             self.round += 1
             waiter = Waiter(target, self.round)
-            self._waiters.append(waiter)
+            if self._closed:
+                waiter.done.set()
+            else:
+                self._waiters.append(waiter)
         return waiter
 
     def remove(self, waiter: Waiter) -> None:
@@ -68,6 +73,12 @@ class FlushBarriers:
         for waiter in self:
             self.remove(waiter)
             waiter.done.set()
+
+    def close(self) -> None:
+        """The client closed: release every waiter, now and to come."""
+        with self._lock:
+            self._closed = True
+        self.release_all()
 
 
 class Scheduler:
