@@ -179,8 +179,7 @@ class Runner:
                     self._start_in(*here)
             except Exception:  # e.g. no file descriptor left for a loop: never out of track()
                 logger.exception("whisperr: could not start delivery; the next event tries again")
-                self._host = None
-                self._intake.wake_at = 1
+                self._no_host()
 
     def _start_in(self, schedule: Schedule, loop: asyncio.AbstractEventLoop | None) -> None:
         host = self._host = Host(schedule, loop, own=False, thread=threading.get_ident())
@@ -205,8 +204,15 @@ class Runner:
         try:
             thread.start()
         except RuntimeError:  # the interpreter is exiting: the exit hook serves on its thread
-            self._host = None
+            self._no_host()
             loop.close()
+
+    def _no_host(self) -> None:
+        """No host could start: the next wake (or the exit hook) tries again."""
+        self._host = None
+        if self.state is RunnerState.RUNNING:
+            self.state = RunnerState.IDLE
+        self._intake.wake_at = 1
 
     def _run_own(self, host: Host, timeout: float | None) -> None:
         """Run ``host``'s loop on this thread until the serve loop ends (within ``timeout``)."""
