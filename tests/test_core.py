@@ -453,3 +453,39 @@ class TestRaces:
         second = client.track("u", "a_b")
         client.close(timeout=5)
         assert [e["context"]["$message_id"] for e in api.events] == [first, second]
+
+
+class TestCaptureEdges:
+    async def test_a_user_id_that_escapes_large_is_measured(
+        self, settings: dict[str, Any], api: Api
+    ) -> None:
+        """An event accepted at capture can be sent: a user id of control characters (six
+        bytes each in JSON) that cannot fit in max_batch_bytes is refused, naming the field;
+        one that fits is sent."""
+        async with whisperr.AsyncClient(**settings, max_batch_bytes=4096) as client:
+            with pytest.raises(whisperr.InvalidEventError) as info:
+                client.track("\x01" * 1000, "a_b")
+            assert info.value.field == "external_user_id"
+            fits = client.track("\x01" * 500, "a_b", {"k": "v" * 500})
+        assert [e["context"]["$message_id"] for e in api.events] == [fits]
+        assert client.stats().dropped == 0
+
+    async def test_a_lying_str_subclass_cannot_skip_the_event_type_check(
+        self, settings: dict[str, Any], api: Api
+    ) -> None:
+        """A str subclass that compares and hashes like a known type is still validated, and
+        what is queued is an exact str."""
+
+        class Lying(str):
+            def __eq__(self, other: object) -> bool:
+                return True
+
+            def __hash__(self) -> int:
+                return hash("payment_failed")
+
+        async with whisperr.AsyncClient(**settings) as client:
+            client.track("u", "payment_failed")  # now a known type
+            with pytest.raises(whisperr.InvalidEventError, match="event_type"):
+                client.track("u", Lying('x","injected":"1'))
+            client.track("u", Lying("plan_upgraded"))
+        assert [e["event_type"] for e in api.events] == ["payment_failed", "plan_upgraded"]
