@@ -489,3 +489,31 @@ class TestCaptureEdges:
                 client.track("u", Lying('x","injected":"1'))
             client.track("u", Lying("plan_upgraded"))
         assert [e["event_type"] for e in api.events] == ["payment_failed", "plan_upgraded"]
+
+    def test_a_datetime_whose_tzinfo_raises_is_refused(self, api: Api) -> None:
+        """orjson would crash the process on it; it is refused naming the field instead, and
+        other dates and times are encoded as orjson writes them."""
+        import datetime as dt
+
+        class Broken(dt.tzinfo):
+            def utcoffset(self, when: dt.datetime | None) -> dt.timedelta:
+                raise ValueError("no offset today")
+
+            def dst(self, when: dt.datetime | None) -> None:
+                return None
+
+        client = whisperr.AsyncClient(api_key=API_KEY, transport=api.transport())
+        bad = dt.datetime(2026, 1, 1, tzinfo=Broken())
+        for field in ("properties", "context"):
+            kwargs: dict[str, Any] = {field: {"at": bad}}
+            with pytest.raises(whisperr.InvalidEventError, match="no offset today") as info:
+                client.track("u", "a_b", **kwargs)
+            assert info.value.field == field
+        when = dt.datetime(2026, 1, 1, 1, 2, 3, 456789, tzinfo=dt.timezone.utc)
+        client.track("u", "a_b", {"at": when, "day": when.date(), "time": when.time()})
+        asyncio.run(client.aclose())
+        assert api.events[0]["properties"] == {
+            "at": "2026-01-01T01:02:03.456789+00:00",
+            "day": "2026-01-01",
+            "time": "01:02:03.456789",
+        }

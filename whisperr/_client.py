@@ -151,7 +151,8 @@ class AsyncClient:
                 event_type = self._learn(event_type)
             if type(properties) is dict:  # the common case, inlined: this is the hot path
                 try:
-                    props = b"%b" % _dumps(properties)  # an exact-size copy: see encode_object
+                    # an exact-size copy: see encode_object
+                    props = b"%b" % _dumps(properties, _encode_time, ev.USER_JSON)
                 except Exception:
                     props = ev.encode_object("properties", properties)  # raises, naming the rule
             else:
@@ -354,4 +355,5 @@ class AsyncClient:
 
 
 _dumps = orjson.dumps  # the one orjson call outside _events: inlined in track(), the hot path
+_encode_time = ev.encode_time
 _next_id = ev.ready_ids.pop

@@ -8,7 +8,8 @@ import os
 import re
 import time
 from collections.abc import Mapping, Sequence
-from datetime import datetime
+from datetime import date, datetime
+from datetime import time as time_of_day
 from functools import lru_cache
 from typing import Any
 
@@ -121,14 +122,32 @@ def check_event_type(value: object) -> str:
     return text
 
 
+# orjson encodes dates and times natively, but a datetime whose tzinfo raises crashes the whole
+# process inside orjson (3.13); they are passed to ``encode_time`` instead, which writes them as
+# orjson does (ISO 8601, what ``isoformat()`` gives) and turns a raising tzinfo into an error.
+USER_JSON = orjson.OPT_PASSTHROUGH_DATETIME
+
+
+def encode_time(value: object) -> str:
+    """orjson's ``default`` for the caller's values: dates and times; the rest is refused."""
+    if isinstance(value, (datetime, date, time_of_day)):
+        try:
+            return value.isoformat()
+        except Exception as exc:
+            raise TypeError(f"{type(value).__name__} could not be read: {_describe(exc)}") from None
+    raise TypeError(f"Type is not JSON serializable: {type(value).__name__}")
+
+
 def encode_object(field: str, value: object) -> bytes:
     """Encode a mapping to JSON now, so later mutation by the caller cannot change it."""
     if type(value) is not dict:
         value = _as_dict(field, value)
     try:
-        encoded = orjson.dumps(value)
+        encoded = orjson.dumps(value, encode_time, USER_JSON)
     except Exception as exc:  # orjson.JSONEncodeError is a TypeError; be safe with the rest
-        raise InvalidEventError(field, f"must be JSON-serializable: {_describe(exc)}") from None
+        # orjson names only the type; what encode_time said is the cause
+        cause = exc.__cause__ if isinstance(exc.__cause__, Exception) else exc
+        raise InvalidEventError(field, f"must be JSON-serializable: {_describe(cause)}") from None
     # orjson's result keeps its 4 KiB work buffer; a queued copy of the exact size takes ~100 B.
     return b"%b" % encoded
 
