@@ -152,7 +152,7 @@ class AsyncClient:
             if type(properties) is dict:  # the common case, inlined: this is the hot path
                 try:
                     # an exact-size copy: see encode_object
-                    props = b"%b" % _dumps(properties, _encode_time, ev.USER_JSON)
+                    props = b"%b" % _dumps(properties, _encode_time, _USER_JSON)
                 except Exception:
                     props = ev.encode_object("properties", properties)  # raises, naming the rule
             else:
@@ -355,5 +355,5 @@ class AsyncClient:
 
 
 _dumps = orjson.dumps  # the one orjson call outside _events: inlined in track(), the hot path
-_encode_time = ev.encode_time
+_encode_time, _USER_JSON = ev.encode_time, ev.USER_JSON
 _next_id = ev.ready_ids.pop
