@@ -170,7 +170,9 @@ class TestCallsFromHooks:
         assert done.wait(5), "close() did not return"
         closer.join()
         assert len(seen) == 1
-        assert seen[0][1] == 1
+        flushed, dropped = seen[0]
+        assert (flushed.timed_out, flushed.pending) == (False, 0)  # started, not waited for
+        assert dropped == 1
         assert client.stats().tracked == client.stats().dropped == 1
 
 

@@ -375,12 +375,14 @@ class Runner:
     # -- flush and close -------------------------------------------------------------------
 
     async def flush(self, timeout: float | None) -> bool:
-        """Wait in this loop until everything tracked before the call settles; False on timeout."""
+        """Wait in this loop until everything tracked before the call settles; False on timeout.
+
+        From inside an ``on_error`` hook it starts the flush and returns True at once."""
         waiter = self._scheduler.barriers.add(self._intake.end)
         try:
             self.kick()
             if in_hook.get():
-                return False  # the runner calling the hook cannot also be awaited by it
+                return True  # the runner calling the hook cannot also be awaited by it
             return await waiter.done.wait(timeout)
         finally:
             self._scheduler.barriers.remove(waiter)
@@ -392,7 +394,7 @@ class Runner:
             self.kick()
             host = self._host
             if in_hook.get() or (host is not None and host.thread == threading.get_ident()):
-                return False
+                return True  # started, not waited for: the host's own thread cannot wait
             return waiter.done.wait_blocking(timeout)
         finally:
             self._scheduler.barriers.remove(waiter)
@@ -435,7 +437,7 @@ class Runner:
         self.begin_close()
         if in_hook.get():
             self.kick()
-            return False
+            return True  # started, not waited for (see aclose)
         deadline = time.monotonic() + timeout
         while self.state is not RunnerState.CLOSED:
             remaining = max(deadline - time.monotonic(), 0.0)
@@ -457,7 +459,7 @@ class Runner:
                 continue
             if host.thread == threading.get_ident():
                 self.kick()
-                return False  # the host's own thread (a sync hook) cannot wait for itself
+                return True  # the host's own thread (a sync hook) cannot wait for itself
             self.kick()
             if not host.done.wait_blocking(remaining):
                 self._cancel(host)
