@@ -165,29 +165,26 @@ class AsyncClient:
                     mid = ev.new_message_id()
                 start, end, shared = self._millisecond
                 stamp = shared if start <= stamp < end else self._share(stamp)
-                size = len(props)
+                size = len(props)  # a generated message id is within the overhead
+                if size > self._max_event_bytes:  # it might not fit: measure it exactly
+                    self._check_fits((external_user_id, event_type, stamp, props, mid))
             else:
                 encoded_context, stamp, mid = self._extras(context, occurred_at, message_id)
-                size = len(props) + _ESCAPED * len(mid)
-                if encoded_context is not None:
-                    size += len(encoded_context)
-            if size > self._max_event_bytes:  # it might not fit: measure it exactly
-                self._check_fits(
-                    (external_user_id, event_type, stamp, props, mid)
-                    if encoded_context is None
-                    else (external_user_id, event_type, stamp, props, mid, encoded_context)
-                )
+                size = len(props) if encoded_context is None else len(props) + len(encoded_context)
+                if size + _ESCAPED * len(mid) > self._max_event_bytes:  # yours may escape large
+                    self._check_fits(
+                        (external_user_id, event_type, stamp, props, mid)
+                        if encoded_context is None
+                        else (external_user_id, event_type, stamp, props, mid, encoded_context)
+                    )
         except InvalidEventError as exc:
             if self._strict:
                 raise
             return self._refuse_invalid(exc)
         if encoded_context is None:
-            self._put((external_user_id, event_type, stamp, props, mid), len(props))
+            self._put((external_user_id, event_type, stamp, props, mid), size)
         else:
-            self._put(
-                (external_user_id, event_type, stamp, props, mid, encoded_context),
-                len(props) + len(encoded_context),
-            )
+            self._put((external_user_id, event_type, stamp, props, mid, encoded_context), size)
         return mid
 
     def identify(

@@ -98,21 +98,26 @@ class Intake:
         Raises:
             ClientClosedError: the intake is closed.
         """
+        if self.state is _OPEN:  # the common case first, on the hot path
+            queue = self.queue
+            if len(queue) < self._max_size and self.bytes + size <= self._max_bytes:
+                queue.append(item)
+                self.bytes += size
+                if self.state is not _OPEN:
+                    self._retract(item)  # closed by another thread since the check above
+                if len(queue) >= self.wake_at:
+                    self._wake()
+                return
+        self._put_slowly(item, size)
+
+    def _put_slowly(self, item: ev.Item, size: int) -> None:
+        """:meth:`put` when the intake is not open or a bound is reached."""
         if self.state is not _OPEN:
             if self.state is _CLOSED:
                 raise ClientClosedError(CLOSED_MESSAGE)
             return  # disabled
-        queue = self.queue
-        if (
-            len(queue) >= self._max_size or self.bytes + size > self._max_bytes
-        ) and not self._make_room(item, size):
-            return
-        queue.append(item)
-        self.bytes += size
-        if self.state is not _OPEN:
-            self._retract(item)  # closed by another thread between the check and the append
-        if len(queue) >= self.wake_at:
-            self._wake()
+        if self._make_room(item, size):
+            self.put(item, size)
 
     def _make_room(self, item: ev.Item, size: int) -> bool:
         """Apply the overflow policy; False when ``item`` itself is the one dropped."""
