@@ -1,11 +1,15 @@
 """A/B benchmark of the track() hot path: a git ref (base) against a source tree (head), one run.
 
-    python benchmarks/ab.py [--base HEAD] [--head DIR] [--rounds 7]
+    python benchmarks/ab.py [--base HEAD] [--head DIR] [--rounds 7] [--instructions]
 
 The base ref is extracted with ``git archive`` into a temporary directory (removed afterwards);
 the head defaults to this working tree. Every measurement is a fresh ``python -c`` child with
 ``PYTHONPATH`` set to that version's root, run alternately base, head, base, head... Only the
 public API (``whisperr.AsyncClient``) is used, so private rewrites do not break it.
+
+``--instructions`` also counts the instructions of a capture-only ``track()`` under valgrind's
+callgrind (the marginal count between 20,000 and 60,000 calls, each run in a fresh process):
+unlike time, the count repeats on a busy machine.
 """
 
 from __future__ import annotations
@@ -67,6 +71,10 @@ async def delivery(n):
 if mode == "probe":
     print(json.dumps({"file": whisperr.__file__}))
     sys.exit()
+if mode.startswith("capture@"):
+    print(json.dumps({"file": whisperr.__file__,
+                      "us": asyncio.run(capture(int(mode[8:]), PROPS, None))}))
+    sys.exit()
 coro = {"capture": lambda: capture(200_000, PROPS, None),
         "delivery": lambda: delivery(100_000),
         "capture-slow": lambda: capture(200_000, None, {"k": 1})}[mode]()
@@ -125,6 +133,38 @@ def run_child(root: Path, mode: str) -> dict[str, object]:
     return found
 
 
+def instructions(root: Path, calls: int) -> int | None:
+    """What callgrind counts for a process making ``calls`` capture-only tracks; None if not."""
+    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+    env.update(PYTHONPATH=str(root), PYTHONDONTWRITEBYTECODE="1")
+    command = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"]
+    try:
+        done = subprocess.run(
+            [*command, sys.executable, "-c", CHILD, f"capture@{calls}"],
+            capture_output=True, text=True, env=env, cwd=tempfile.gettempdir(), timeout=1200,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    collected = [line for line in done.stderr.splitlines() if "Collected" in line]
+    return int(collected[-1].split()[-1]) if collected else None
+
+
+def count_instructions(roots: dict[str, Path]) -> None:
+    low, high = 20_000, 60_000
+    per_call: dict[str, float] = {}
+    for name, root in roots.items():
+        counts = [instructions(root, calls) for calls in (low, high)]
+        if None in counts:
+            print(f"{name}: no instruction count (is valgrind installed?)")
+            return
+        per_call[name] = (counts[1] - counts[0]) / (high - low)  # type: ignore[operator]
+    base, head = per_call["base"], per_call["head"]
+    print(
+        f"\ninstructions a capture-only track() (callgrind, {low:,} to {high:,} calls): "
+        f"base {base:,.0f}, head {head:,.0f}, head/base {head / base:.3f} ({verdict(head / base)})"
+    )
+
+
 def verdict(ratio: float) -> str:
     if abs(ratio - 1) <= 0.05:
         return "WITHIN 5%"
@@ -136,6 +176,9 @@ def main() -> None:
     parser.add_argument("--base", default="HEAD", help="a git ref of this repo (default: HEAD)")
     parser.add_argument("--head", type=Path, default=REPO, help="a source tree (default: repo)")
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument(
+        "--instructions", action="store_true", help="also count instructions with callgrind"
+    )
     args = parser.parse_args()
     head: Path = args.head.resolve()
     try:
@@ -173,6 +216,8 @@ def main() -> None:
                         print(f"{name} {mode} round {rnd} FAILED: {got['error']}")
                     else:
                         samples.setdefault((mode, name), []).append(float(str(got["us"])))
+        if args.instructions and len(roots) == 2:
+            count_instructions(roots)
     print(f"\n{'measurement':<45} | base µs | head µs | head/base | {'verdict':<15} | samples")
     for mode, label in MEASUREMENTS.items():
         b, h = samples.get((mode, "base"), []), samples.get((mode, "head"), [])
