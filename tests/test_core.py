@@ -519,3 +519,25 @@ class TestCaptureEdges:
             "day": "2026-01-01",
             "time": "01:02:03.456789",
         }
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "SIGTERM"), reason="needs SIGTERM")
+def test_exit_on_sigterm_chains_and_installs_once() -> None:
+    """The handler raises SystemExit(143) after calling the one installed before; a second call
+    installs nothing more."""
+    import signal
+
+    calls: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: calls.append(signum))
+    try:
+        whisperr.exit_on_sigterm()
+        installed = signal.getsignal(signal.SIGTERM)
+        whisperr.exit_on_sigterm()
+        assert signal.getsignal(signal.SIGTERM) is installed
+        assert callable(installed)
+        with pytest.raises(SystemExit) as info:
+            installed(signal.SIGTERM, None)
+        assert info.value.code == 143
+        assert calls == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, previous)

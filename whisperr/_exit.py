@@ -75,12 +75,15 @@ def exit_on_sigterm() -> None:
     if threading.current_thread() is not threading.main_thread():
         raise ValueError("whisperr.exit_on_sigterm() must be called from the main thread")
     previous = signal.getsignal(signal.SIGTERM)
+    if getattr(previous, "whisperr_exit", False):
+        return  # installed already: calling it again changes nothing
 
     def handler(signum: int, frame: FrameType | None) -> None:
-        if callable(previous) and previous is not handler:
+        if callable(previous):
             previous(signum, frame)
         sys.exit(128 + signum)
 
+    handler.whisperr_exit = True  # type: ignore[attr-defined]
     signal.signal(signal.SIGTERM, handler)
 
 
