@@ -535,6 +535,14 @@ class TestHooks:
         assert [r.reason for r in got] == ["rejected"]
 
 
+def _reprs_within(obj: object, depth: int) -> str:
+    """The reprs of an object's attributes, and of theirs, ``depth`` levels down."""
+    if depth == 0 or not hasattr(obj, "__dict__"):
+        return ""
+    parts = vars(obj).values()
+    return "".join(repr(part) + _reprs_within(part, depth - 1) for part in parts)
+
+
 class TestSecurity:
     async def test_key_never_in_logs_reprs_or_reports(
         self,
@@ -553,6 +561,9 @@ class TestSecurity:
         await client.aclose()
         seen = caplog.text + repr(client) + repr(client.settings) + repr(reports)
         seen += repr(client.stats()) + repr(vars(client))
+        # and the parts behind it, down to the delivery that holds the headers
+        seen += _reprs_within(client, depth=3)
+        assert "<request headers: " in seen  # the walk reached them
         assert API_KEY not in seen
         assert "wrk_" not in seen
 
