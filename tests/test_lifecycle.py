@@ -294,6 +294,22 @@ class Run:
         return float(marks[end] - marks[start])
 
 
+def start_script(
+    name: str, *args: str, env: dict[str, str], stdin: int = subprocess.DEVNULL
+) -> subprocess.Popen[str]:
+    """Start tests/lifecycle/<name> with this interpreter, in a session of its own, its output
+    piped."""
+    return subprocess.Popen(
+        [sys.executable, str(LIFECYCLE / name), *args],
+        stdin=stdin,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+
+
 def run_script(name: str, *args: str, env: dict[str, str]) -> Run:
     """Run tests/lifecycle/<name> with this interpreter, in a session of its own.
 
@@ -302,15 +318,7 @@ def run_script(name: str, *args: str, env: dict[str, str]) -> Run:
     test fails with what they printed.
     """
     started = time.monotonic()
-    with subprocess.Popen(
-        [sys.executable, str(LIFECYCLE / name), *args],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        start_new_session=True,
-    ) as process:
+    with start_script(name, *args, env=env) as process:
         try:
             stdout, stderr = process.communicate(timeout=SCRIPT_TIMEOUT)
         except subprocess.TimeoutExpired:
@@ -535,15 +543,7 @@ def test_sigterm_with_exit_on_sigterm_delivers(server: ServerProcess) -> None:
     As documented, SIGTERM raises SystemExit(143), so the process exits with 143, within the
     shutdown budget. (Without the opt-in the events are documented as lost: not asserted.)
     """
-    process = subprocess.Popen(
-        [sys.executable, str(LIFECYCLE / "sigterm_exit.py")],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=script_env(server.url),
-        start_new_session=True,
-    )
+    process = start_script("sigterm_exit.py", env=script_env(server.url))
     assert process.stdout is not None
     assert process.stderr is not None
     out, err = Lines(process.stdout), Lines(process.stderr)
@@ -616,14 +616,8 @@ def test_threads_stress(server: ServerProcess, kind: str) -> None:
     No exception escapes track(); after each repetition the server stored exactly its 40,000
     events, each arrived once; then the server is reset for the next one.
     """
-    process = subprocess.Popen(
-        [sys.executable, str(LIFECYCLE / "thread_stress.py"), kind, str(REPS)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=script_env(server.url),
-        start_new_session=True,
+    process = start_script(
+        "thread_stress.py", kind, str(REPS), env=script_env(server.url), stdin=subprocess.PIPE
     )
     assert process.stdin is not None
     assert process.stdout is not None
