@@ -722,10 +722,10 @@ async def test_the_runner_does_not_spin_while_a_batch_is_in_flight(
     passes = 0
     original = Scheduler.ready_batch
 
-    def counting(self: Scheduler, now: float) -> Any:
+    def counting(self: Scheduler, now: float, closing: bool = False) -> Any:
         nonlocal passes
         passes += 1
-        return original(self, now)
+        return original(self, now, closing)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(Scheduler, "ready_batch", counting)

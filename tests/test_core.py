@@ -267,6 +267,14 @@ class TestScheduler:
         batch = scheduler.ready_batch(now)
         assert (None if batch is None else len(batch.items)) == expected
 
+    def test_a_close_sends_a_partial_batch_now(self) -> None:
+        scheduler, intake, _ = make_scheduler()
+        put_tracks(intake, 3)
+        assert scheduler.ready_batch(0.0) is None
+        batch = scheduler.ready_batch(0.0, closing=True)
+        assert batch is not None
+        assert len(batch.items) == 3
+
     def test_the_interval_starts_with_the_first_look(self) -> None:
         scheduler, intake, _ = make_scheduler()
         put_tracks(intake, 3)

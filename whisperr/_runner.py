@@ -326,7 +326,7 @@ class Runner:
                 self._next_capture_report = now + interval
                 ledger.report_capture_drops()
             scheduler.release_waiters()
-            batch = scheduler.ready_batch(now)
+            batch = scheduler.ready_batch(now, self.state is RunnerState.CLOSING)
             if batch is not None:
                 return batch
             if self.state is RunnerState.CLOSING and scheduler.drained(now):
@@ -405,7 +405,6 @@ class Runner:
             if self.state in (RunnerState.CLOSING, RunnerState.CLOSED):
                 return
             self._intake.close()
-            self._scheduler.closing = True
             self._scheduler.barriers.new_round()
             self.state = RunnerState.CLOSING
             if self._settings.disabled:

@@ -101,7 +101,6 @@ class Scheduler:
         self.retained_events = 0
         self.retained_bytes = 0
         self.in_flight_events = 0
-        self.closing = False
         self._timer_start: float | None = None
         self._paused_until = 0.0
         self._pause_level = 0
@@ -109,23 +108,25 @@ class Scheduler:
 
     # -- which batch next ----------------------------------------------------------------
 
-    def urgent(self) -> bool:
+    def urgent(self, closing: bool) -> bool:
         """Whether queued events go out now instead of waiting for a full batch or the timer."""
-        return self.closing or bool(self.barriers) or self._intake.head < self.barriers.drain_to
+        return closing or bool(self.barriers) or self._intake.head < self.barriers.drain_to
 
     def sendable(self, now: float) -> list[Batch]:
         rnd = self.barriers.round
         return [b for b in self.retained if b.retained_round < rnd or now >= self._paused_until]
 
-    def ready_batch(self, now: float) -> Batch | None:
-        """The next batch to send now, moved in flight; None if none should go yet."""
-        batch = self._choose(now)
+    def ready_batch(self, now: float, closing: bool = False) -> Batch | None:
+        """The next batch to send now, moved in flight; None if none should go yet.
+
+        ``closing``: the client is closing, so the queue goes out whatever its size."""
+        batch = self._choose(now, closing)
         if batch is not None:
             self.in_flight.add(batch)
             self.in_flight_events += len(batch.items)
         return batch
 
-    def _choose(self, now: float) -> Batch | None:
+    def _choose(self, now: float, closing: bool) -> Batch | None:
         s = self._settings
         # Once attempts keep failing (not one isolated failure), one batch probes the server and
         # the rest wait in the queue: the client backs off as a whole.
@@ -143,7 +144,7 @@ class Scheduler:
         intake = self._intake
         if not len(intake):
             return None
-        urgent = self.urgent()
+        urgent = self.urgent(closing)
         # Kept batches go first, after their pause; a flush or close still gives the queue its
         # attempt, unless a kept identify must stay ahead of the tracks queued after it.
         if self.retained and (not urgent or any(b.identify for b in self.retained)):
