@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 import attrs
@@ -32,6 +33,16 @@ from .conftest import API_KEY
         ({"base_url": "ftp://x"}, "http"),
         ({"base_url": "http://api.example.com"}, "clear text"),
         ({"http_client": httpx.AsyncClient(), "transport": httpx.MockTransport(print)}, "not both"),
+        ({"base_url": "https://u:p@api.example.com"}, "no user-info"),
+        ({"base_url": "https://api.example.com/?region=eu"}, "query"),
+        ({"base_url": "https://api.example.com/#top"}, "fragment"),
+        ({"base_url": "https://api.example.com/v1"}, "must not end in /v1"),
+        ({"base_url": "https://api.example.com/v1/"}, "must not end in /v1"),
+        ({"proxy": "ftp://127.0.0.1:21"}, "proxy must be"),
+        ({"verify": "/no/such/ca.pem"}, "verify must be"),
+        ({"verify": 1}, "verify must be"),
+        ({"transport": httpx.MockTransport(print), "proxy": "http://127.0.0.1:3128"}, "default"),
+        ({"http_client": httpx.AsyncClient(), "verify": False}, "default transport"),
     ],
 )
 def test_invalid_settings_raise_config_error(overrides: dict[str, Any], match: str) -> None:
@@ -52,6 +63,43 @@ def test_plain_http_to_remote_needs_explicit_consent() -> None:
     """allow_insecure_http=True lets a user choose plain http to a remote host."""
     s = whisperr.Settings(api_key=API_KEY, base_url="http://10.1.2.3", allow_insecure_http=True)
     assert s.base_url == "http://10.1.2.3"
+
+
+def test_a_base_url_path_prefix_is_kept_without_its_slash() -> None:
+    """A gateway prefix works: requests go to /whisperr/v1/events/batch (test_transport.py)."""
+    url = "https://gw.example.com/whisperr/"
+    assert whisperr.Settings(api_key=API_KEY, base_url=url).base_url == url.rstrip("/")
+
+
+def test_a_socks_proxy_without_socks_support_is_refused_at_construction(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """From proxy= or ALL_PROXY alike; the message says what to install, not the password."""
+    if importlib.util.find_spec("socksio") is not None:
+        pytest.skip("socksio is installed here")
+    with pytest.raises(whisperr.ConfigError, match=r"pip install 'httpx\[socks\]'") as info:
+        whisperr.AsyncClient(api_key=API_KEY, proxy="socks5://user:pw@127.0.0.1:1080")
+    assert "pw" not in str(info.value)
+    monkeypatch.setenv("ALL_PROXY", "socks5h://127.0.0.1:1080")
+    with pytest.raises(whisperr.ConfigError, match="SOCKS"):
+        whisperr.AsyncClient(api_key=API_KEY)
+
+
+def test_network_settings_from_the_environment(tmp_path: Any) -> None:
+    """WHISPERR_TRUST_ENV, WHISPERR_PROXY and WHISPERR_VERIFY (a boolean or a path)."""
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text("")
+    env = {
+        "WHISPERR_API_KEY": API_KEY,
+        "WHISPERR_TRUST_ENV": "false",
+        "WHISPERR_PROXY": "http://127.0.0.1:3128",
+        "WHISPERR_VERIFY": str(bundle),
+    }
+    s = whisperr.Settings.from_env(env)
+    assert (s.trust_env, s.proxy, s.verify) == (False, "http://127.0.0.1:3128", str(bundle))
+    assert whisperr.Settings.from_env(env | {"WHISPERR_VERIFY": "off"}).verify is False
+    defaults = whisperr.Settings.from_env({"WHISPERR_API_KEY": API_KEY})
+    assert (defaults.trust_env, defaults.proxy, defaults.verify) == (True, None, True)
 
 
 def test_repr_hides_the_key() -> None:

@@ -745,7 +745,12 @@ async def test_identify_stays_between_its_tracks_across_retries(
 async def test_trio_retries_then_delivers(
     server: LocalServer, reports: list[DeliveryReport], sleeps: Sleeps
 ) -> None:
-    """Under trio, 503/close/429 faults are retried and everything is stored exactly once."""
+    """Under trio, 503/close/429 faults are retried and everything is stored exactly once.
+
+    The close and the lost answer meet a kept-alive connection before any answer byte: that is
+    how a server's idle close looks, so the request is sent again at once on a new connection,
+    without a backoff sleep or a counted retry.
+    """
     server.app.faults.script(
         [Fault.status(503), Fault.close(), Fault.status(429, retry_after="1"), Fault.lost_ack()]
     )
@@ -754,9 +759,9 @@ async def test_trio_retries_then_delivers(
         sent = track_many(client, 10)
         await client.aclose(timeout=5)
     assert batch_statuses(server) == [503, None, 429, None, 202]
-    assert len(sleeps.delays) == 4
-    assert sleeps.delays[2] == 1.0
+    assert len(sleeps.delays) == 2  # after the 503 and the 429
+    assert sleeps.delays[1] == 1.0
     assert_stored_exactly_once(server, sent)
     stats = assert_accounted(client, 10)
-    assert (stats.delivered, stats.retried) == (10, 40)
+    assert (stats.delivered, stats.retried) == (10, 20)
     assert reports == []

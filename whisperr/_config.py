@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Literal, Protocol
@@ -63,6 +64,14 @@ def _is_loopback(host: str) -> bool:
 
 def _normalise_url(url: str) -> str:
     return url.rstrip("/")
+
+
+def _verify(raw: str) -> bool | str:
+    """``WHISPERR_VERIFY``: a boolean, or the path of a CA bundle file or directory."""
+    try:
+        return _bool(raw)
+    except ValueError:
+        return raw
 
 
 def _bool(raw: str) -> bool:
@@ -148,6 +157,9 @@ class Settings:
     strict: bool = _env("strict", True)
     disabled: bool = _env("disabled", False)
     allow_insecure_http: bool = _env("allow_insecure_http", False)
+    trust_env: bool = _env("trust_env", True)
+    proxy: str | None = attrs.field(default=_env("proxy", None))
+    verify: bool | str | ssl.SSLContext = attrs.field(default=_env("verify", True))
     http_client: httpx.AsyncClient | None = attrs.field(default=None)
     transport: httpx.AsyncBaseTransport | None = None
     clock: Callable[[], float] = time.time
@@ -166,14 +178,48 @@ class Settings:
 
     @base_url.validator
     def _check_base_url(self, attribute: attrs.Attribute[Any], value: str) -> None:
-        url = httpx.URL(value)
+        try:
+            url = httpx.URL(value)
+        except httpx.InvalidURL as exc:
+            raise ConfigError(f"base_url is not a valid URL ({exc}): {value!r:.200}") from None
         if url.scheme not in {"http", "https"} or not url.host:
-            raise ConfigError(f"base_url must be an http(s) URL, got {value!r}")
+            raise ConfigError(f"base_url must be an http(s) URL, got {value!r:.200}")
+        if url.userinfo or url.query or url.fragment or "?" in value or "#" in value:
+            raise ConfigError(
+                "base_url may have a path prefix but no user-info, query or fragment, got "
+                f"{url.copy_with(username=None, password=None)!s:.200} (user-info left out)"
+            )
+        if url.path.rstrip("/").endswith("/v1"):
+            raise ConfigError(
+                "base_url must not end in /v1: the client adds /v1/events/... itself, "
+                f"got {value!r:.200}"
+            )
         insecure = url.scheme == "http" and not _is_loopback(url.host)
         if insecure and not self.allow_insecure_http:
             raise ConfigError(
                 "base_url uses plain http:// to a non-loopback host, which would send the API key "
                 "in clear text; use https:// or pass allow_insecure_http=True"
+            )
+
+    @proxy.validator
+    def _check_proxy(self, attribute: attrs.Attribute[Any], value: str | None) -> None:
+        if value is None:
+            return
+        try:
+            url = httpx.URL(value)
+        except httpx.InvalidURL:
+            url = httpx.URL()
+        if url.scheme not in {"http", "https", "socks5", "socks5h"} or not url.host:
+            raise ConfigError("proxy must be an http://, https:// or socks5:// URL")
+
+    @verify.validator
+    def _check_verify(self, attribute: attrs.Attribute[Any], value: object) -> None:
+        if isinstance(value, (bool, ssl.SSLContext)):
+            return
+        if not isinstance(value, str) or not os.path.exists(value):
+            raise ConfigError(
+                "verify must be True, False, an ssl.SSLContext, or the path of a CA bundle file "
+                f"or directory that exists, got {value!r:.200}"
             )
 
     @max_batch_size.validator
@@ -197,6 +243,13 @@ class Settings:
     def _check_http(self, attribute: attrs.Attribute[Any], value: httpx.AsyncClient | None) -> None:
         if value is not None and self.transport is not None:
             raise ConfigError("pass http_client or transport, not both")
+        if (value is not None or self.transport is not None) and (
+            self.proxy is not None or self.verify is not True
+        ):
+            raise ConfigError(
+                "proxy and verify configure the default transport: with http_client or "
+                "transport, configure those instead"
+            )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -236,4 +289,7 @@ _ENV_FIELDS: dict[str, Callable[[str], Any]] = {
     "strict": _bool,
     "disabled": _bool,
     "allow_insecure_http": _bool,
+    "trust_env": _bool,
+    "proxy": str,
+    "verify": _verify,
 }

@@ -6,7 +6,11 @@ stay of the runner in a host opens its own (:meth:`Delivery.open`) and closes it
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import os
+import ssl
+import urllib.request
 from collections.abc import Callable
 
 import httpx
@@ -14,7 +18,8 @@ import httpx
 from . import _events as ev
 from ._batches import Batch
 from ._config import Settings
-from ._http11 import Http1Transport
+from ._errors import ConfigError
+from ._http11 import IDLE_EXPIRY, Http1Transport
 from ._ledger import Ledger
 from ._models import DeliveryReport
 from ._transport import Outcome, backoff, post, request_headers
@@ -23,7 +28,7 @@ logger = logging.getLogger("whisperr")
 
 
 class Delivery:
-    """The endpoints, headers and retry rules of one client's requests."""
+    """The endpoints, headers, network settings and retry rules of one client's requests."""
 
     def __init__(self, settings: Settings, ledger: Ledger) -> None:
         self._settings = settings
@@ -31,13 +36,49 @@ class Delivery:
         self._url_batch = httpx.URL(f"{settings.base_url}/v1/events/batch")
         self._url_identify = httpx.URL(f"{settings.base_url}/v1/identify")
         self._headers = request_headers(settings.api_key or "")
+        self.proxy = proxy_for(settings)
+        self._ssl_context: ssl.SSLContext | None = None
+        self._failing = False  # since the last answer that was not worth retrying
 
     def open(self) -> httpx.AsyncClient:
         """A pool for the event loop about to serve (the caller's ``http_client`` as is)."""
         s = self._settings
-        return s.http_client or httpx.AsyncClient(
-            transport=s.transport or Http1Transport(max_idle=s.max_concurrency), trust_env=False
-        )
+        if s.http_client is not None:
+            return s.http_client
+        transport = s.transport
+        if transport is None and self.proxy is not None:
+            transport = httpx.AsyncHTTPTransport(
+                proxy=self.proxy,
+                verify=self.ssl_context(),
+                trust_env=False,
+                limits=httpx.Limits(
+                    max_connections=None,
+                    max_keepalive_connections=s.max_concurrency,
+                    keepalive_expiry=IDLE_EXPIRY,
+                ),
+            )
+        elif transport is None:
+            transport = Http1Transport(max_idle=s.max_concurrency, ssl_context=self.ssl_context)
+        return httpx.AsyncClient(transport=transport, trust_env=False)
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """What https connections trust: ``verify``, and with ``trust_env`` SSL_CERT_FILE or
+        SSL_CERT_DIR, as httpx reads them; made once (~15 ms), on the first need."""
+        if self._ssl_context is None:
+            verify = self._settings.verify
+            if isinstance(verify, ssl.SSLContext):
+                self._ssl_context = verify
+            elif isinstance(verify, str):
+                self._ssl_context = (
+                    ssl.create_default_context(capath=verify)
+                    if os.path.isdir(verify)
+                    else ssl.create_default_context(cafile=verify)
+                )
+            else:
+                self._ssl_context = httpx.create_ssl_context(
+                    verify=verify, trust_env=self._settings.trust_env
+                )
+        return self._ssl_context
 
     async def close(self, http: httpx.AsyncClient) -> None:
         """Close a pool from :meth:`open`, unless it was passed in as ``http_client``."""
@@ -58,6 +99,7 @@ class Delivery:
         while True:
             outcome = await post(http, url, self._headers, body, s.request_timeout, s.clock)
             attempted(outcome)
+            self._note(outcome)
             if outcome.kind != "retry" or attempt >= s.max_retries:
                 return outcome
             batch.failure = outcome.reason
@@ -75,3 +117,56 @@ class Delivery:
             )
             attempt += 1
             await s.sleep(delay)
+
+    def _note(self, outcome: Outcome) -> None:
+        """One WARNING for the first failed attempt of a stretch, naming the cause."""
+        if outcome.kind != "retry":
+            self._failing = False
+            return
+        if self._failing:
+            return
+        self._failing = True
+        where = ""
+        if outcome.connecting:
+            where = (
+                f"; through the proxy {_shown(self.proxy)}"
+                if self.proxy
+                else "; no proxy in use (set HTTPS_PROXY or proxy= if this network needs one)"
+            )
+        logger.warning(
+            "whisperr: delivery to %s is failing, retrying: %s%s",
+            self._url_batch.copy_with(path="/"),
+            outcome.message,
+            where,
+        )
+
+
+def proxy_for(settings: Settings) -> str | None:
+    """The proxy the client's requests go through: ``proxy``, else (with ``trust_env``) the one
+    HTTP_PROXY, HTTPS_PROXY or ALL_PROXY name for base_url's scheme, unless NO_PROXY excludes
+    its host. These are read as urllib reads them (lower-case names first), once per client.
+
+    Raises:
+        ConfigError: a SOCKS proxy without ``httpx[socks]`` installed.
+    """
+    proxy = settings.proxy
+    if proxy is None and settings.trust_env:
+        url = httpx.URL(settings.base_url)
+        proxies = urllib.request.getproxies_environment()
+        bypass = urllib.request.proxy_bypass_environment  # type: ignore[attr-defined]
+        if not bypass(url.host, proxies):
+            proxy = proxies.get(url.scheme) or proxies.get("all")
+    if not proxy:
+        return None
+    if "://" not in proxy:
+        proxy = f"http://{proxy}"
+    if proxy.startswith("socks") and importlib.util.find_spec("socksio") is None:
+        raise ConfigError(
+            f"the proxy {_shown(proxy)} needs SOCKS support: pip install 'httpx[socks]'"
+        )
+    return proxy
+
+
+def _shown(proxy: str | None) -> str:
+    """A proxy URL fit for a log: without its credentials."""
+    return str(httpx.URL(proxy or "").copy_with(username=None, password=None))

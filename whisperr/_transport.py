@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
-from collections.abc import Callable
+import zlib
+from collections.abc import AsyncGenerator, Callable
 from email.utils import parsedate_to_datetime
-from typing import Literal
+from typing import Literal, cast
 
+import anyio
 import attrs
 import httpx
 
@@ -16,6 +19,9 @@ from ._version import __version__
 SDK_NAME = "whisperr-python-async"
 USER_AGENT = f"{SDK_NAME}/{__version__}"
 RETRY_AFTER_CAP = 60.0
+# A batch answer is a few hundred bytes: this bounds what a misbehaving server makes us hold.
+MAX_ANSWER_BYTES = 1 << 20
+_TOO_LARGE = f"answer larger than {MAX_ANSWER_BYTES} bytes"
 
 Kind = Literal["ok", "auth", "retry", "drop", "too_large"]
 
@@ -30,6 +36,7 @@ class Outcome:
     status: int | None = None
     retry_after: float | None = None
     rejected: int = 0
+    connecting: bool = False  # no connection could be made (DNS, refused, TLS, proxy)
 
 
 def backoff(attempt: int, base: float, cap: float, jitter: float = 1.0) -> float:
@@ -58,18 +65,19 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
     return min(max(0.0, when.timestamp() - now), RETRY_AFTER_CAP)
 
 
-def classify(response: httpx.Response, now: float, batch: bool) -> Outcome:
+def classify(
+    status: int, headers: httpx.Headers, content: bytes, now: float, url: httpx.URL
+) -> Outcome:
     """Map an HTTP answer to what the client must do with the request's events."""
-    status = response.status_code
     if 200 <= status < 300:
-        rejected = rejected_count(response.content) if batch else 0
+        rejected = rejected_count(content) if url.path.endswith("/batch") else 0
         return Outcome("ok", "ok", "delivered", status, rejected=rejected)
     if status in (401, 403):
         return Outcome("auth", "unauthorized", f"the API key was rejected ({status})", status)
     if status == 429 or status >= 500:
         retry_after = None
         if status in (429, 503):
-            retry_after = parse_retry_after(response.headers.get("retry-after"), now)
+            retry_after = parse_retry_after(headers.get("retry-after"), now)
         reason = "rate_limited" if status == 429 else "server_error"
         return Outcome("retry", reason, f"the server answered {status}", status, retry_after)
     if status == 413:
@@ -78,11 +86,11 @@ def classify(response: httpx.Response, now: float, batch: bool) -> Outcome:
         return Outcome(
             "drop",
             "redirected",
-            f"the server answered {status}; redirects are never followed "
+            f"the server answered {status} to POST {url}; redirects are never followed "
             "with the API key, check base_url",
             status,
         )
-    return Outcome("drop", "rejected", f"the server rejected the request ({status})", status)
+    return Outcome("drop", "rejected", f"the server rejected POST {url} ({status})", status)
 
 
 class _Headers(httpx.Headers):
@@ -99,7 +107,8 @@ def request_headers(api_key: str) -> httpx.Headers:
             "X-API-Key": api_key,
             "Content-Type": "application/json",
             "User-Agent": USER_AGENT,
-            "Accept-Encoding": "identity",  # the answer's size is bounded only before decoding
+            # Nothing compressed is asked for; an answer compressed anyway is decoded in bounds.
+            "Accept-Encoding": "identity",
         }
     )
 
@@ -112,15 +121,76 @@ async def post(
     timeout: float,
     clock: Callable[[], float],
 ) -> Outcome:
-    """Send one request; translate every failure to get an answer into a retry outcome."""
+    """Send one request and classify its answer, within one deadline for the whole exchange.
+
+    This is the one boundary between the client and any transport: every failure to get a
+    whole answer becomes a retry outcome, never an exception (no traceback, which would carry
+    the request's headers in its frames, is logged). The answer is read within
+    :data:`MAX_ANSWER_BYTES`, on the wire and again decoded.
+    """
     try:
-        response = await client.post(
-            url, content=body, headers=headers, timeout=timeout, follow_redirects=False
-        )
-    except httpx.TimeoutException as exc:
-        return Outcome("retry", "timeout", f"the request timed out ({type(exc).__name__}: {exc})")
-    except httpx.RequestError as exc:  # transport errors, and a body that does not decode
+        with anyio.fail_after(timeout):
+            request = client.build_request(
+                "POST", url, content=body, headers=headers, timeout=timeout
+            )
+            response = await client.send(request, stream=True, follow_redirects=False)
+            try:
+                if response.is_stream_consumed:  # made with content= (httpx.MockTransport)
+                    content = response.content
+                else:
+                    content = await _read(response)
+            finally:
+                await response.aclose()
+    except (TimeoutError, httpx.TimeoutException) as exc:
+        connecting = isinstance(exc, httpx.ConnectTimeout)
+        why = f" ({type(exc).__name__}: {exc})" if isinstance(exc, httpx.TimeoutException) else ""
         return Outcome(
-            "retry", "network_error", f"the request failed ({type(exc).__name__}: {exc})"
+            "retry",
+            "timeout",
+            f"the request timed out after {timeout:g}s{why}",
+            connecting=connecting,
         )
-    return classify(response, clock(), batch=url.path.endswith("/batch"))
+    except Exception as exc:  # a transport's failure is an outcome, never a crash
+        return Outcome(
+            "retry",
+            "network_error",
+            f"the request failed ({type(exc).__name__}: {exc})",
+            connecting=isinstance(exc, httpx.ConnectError),
+        )
+    return classify(response.status_code, response.headers, content, clock(), url)
+
+
+async def _read(response: httpx.Response) -> bytes:
+    raw = bytearray()
+    chunks = cast("AsyncGenerator[bytes, None]", response.aiter_raw())  # a generator, in fact
+    async with contextlib.aclosing(chunks):  # closed when cut short
+        async for chunk in chunks:
+            raw += chunk
+            if len(raw) > MAX_ANSWER_BYTES:
+                raise httpx.DecodingError(_TOO_LARGE)
+    return decode(bytes(raw), response.headers.get_list("content-encoding", split_commas=True))
+
+
+def decode(content: bytes, encodings: list[str]) -> bytes:
+    """``content`` with its Content-Encodings (gzip, deflate) undone, within MAX_ANSWER_BYTES.
+
+    Raises:
+        httpx.DecodingError: an unknown encoding, corrupt data, or more than the bound.
+    """
+    for encoding in reversed([e.strip().lower() for e in encodings if e.strip()]):
+        if encoding == "identity":
+            continue
+        if encoding in ("gzip", "x-gzip"):
+            wbits = 16 + zlib.MAX_WBITS
+        elif encoding == "deflate":  # zlib-wrapped as the RFC says, or raw as some servers send
+            wbits = zlib.MAX_WBITS if content[:1] == b"\x78" else -zlib.MAX_WBITS
+        else:
+            raise httpx.DecodingError(f"unsupported Content-Encoding {encoding!r:.40}")
+        inflate = zlib.decompressobj(wbits)
+        try:
+            content = inflate.decompress(content, MAX_ANSWER_BYTES + 1)
+        except zlib.error as exc:
+            raise httpx.DecodingError(f"corrupt {encoding} answer: {exc}") from None
+        if len(content) > MAX_ANSWER_BYTES:
+            raise httpx.DecodingError(f"{_TOO_LARGE}, decoded")
+    return content
