@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import gzip
+import logging
 import socket
 import ssl
+import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -38,7 +40,7 @@ def answer(status: int = 202, body: bytes = b'{"ok":true}', headers: bytes = b""
     )
 
 
-HANG, DROP = "hang", "drop"  # never answer; close without answering
+HANG, DROP, RESET = "hang", "drop", "reset"  # never answer; close, or reset, without answering
 CHUNKED = (
     b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
 )
@@ -48,7 +50,7 @@ CHUNKED = (
 class Server:
     """Reads one request at a time and plays the next step of ``script``.
 
-    A step is raw answer bytes, HANG or DROP; ``close_after`` closes the connection after
+    A step is raw answer bytes, HANG, DROP or RESET; ``close_after`` closes the connection after
     answering. Without a script step every request gets ``answer()``.
     """
 
@@ -69,6 +71,10 @@ class Server:
                 if step == HANG:
                     await anyio.sleep_forever()
                 if step == DROP:
+                    break
+                if step == RESET:  # SO_LINGER 0: the close sends a RST
+                    sock = stream.extra(anyio.abc.SocketAttribute.raw_socket)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                     break
                 assert isinstance(step, bytes)
                 await stream.send(step)
@@ -430,3 +436,83 @@ async def test_the_sdk_sends_its_batches_over_one_kept_alive_connection() -> Non
     assert all((b"x-api-key", key.encode()) in r.headers for r in server.requests)
     # an answer's size is bounded on the wire: nothing compressed is asked for
     assert all((b"accept-encoding", b"identity") in r.headers for r in server.requests)
+
+
+async def test_a_server_closing_during_the_tls_handshake_is_a_counted_connect_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A load balancer with no backend: it takes the ClientHello and closes.
+
+    anyio's EndOfStream used to escape here, logged at ERROR with a traceback (the API key in
+    its frames), uncounted. Now it is a ConnectError, retried and reported like any other.
+    """
+
+    async def hang_up(stream: anyio.abc.ByteStream) -> None:
+        async with stream:
+            await stream.receive()
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    key = "wrk_test_secret_key_0123456789"
+    reports: list[whisperr.DeliveryReport] = []
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, hang_up)
+        async with client() as http:
+            with pytest.raises(httpx.ConnectError, match=f"localhost:{port}"):
+                await post(http, f"https://localhost:{port}")
+        sdk = whisperr.AsyncClient(
+            api_key=key,
+            base_url=f"https://localhost:{port}",
+            max_retries=1,
+            backoff_base=0.001,
+            on_error=reports.append,
+        )
+        with anyio.fail_after(10), caplog.at_level(logging.DEBUG, logger="whisperr"):
+            for i in range(3):
+                sdk.track(f"user_{i}", "payment_failed")
+            closed = await sdk.aclose(timeout=5)
+        tg.cancel_scope.cancel()
+    stats = sdk.stats()
+    assert (closed.dropped, stats.delivered, stats.retried) == (3, 0, 3)
+    assert stats.dropped_by_reason == {"network_error": 3}
+    assert [(r.type, r.reason) for r in reports] == [
+        ("retry_exhausted", "network_error"),
+        ("dropped", "network_error"),
+    ]
+    assert "ConnectError" in reports[0].message
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+    assert key not in caplog.text
+
+
+@pytest.mark.parametrize("how", ["close", "reset"])
+async def test_a_kept_alive_connection_dying_before_its_answer_is_replaced_at_once(
+    how: str,
+) -> None:
+    """The server's idle close racing a request: sent again on a new connection, no error.
+
+    A connection that was new is not: its failure is the caller's to retry (see DROP above).
+    """
+    step: bytes | str = DROP if how == "close" else RESET
+    async with serving(Server([answer(), step])) as server, client() as http:
+        assert (await post(http, server.url)).status_code == 202
+        with anyio.fail_after(5):
+            assert (await post(http, server.url)).status_code == 202
+    assert server.connections == 2
+    assert len(server.requests) == 3  # the second was sent twice
+
+
+async def test_keep_alive_timeout_shortens_the_idle_expiry() -> None:
+    """Keep-Alive: timeout=2 keeps a connection at most 1 s idle (the default expiry is 1.5 s)."""
+    now = [0.0]
+    script: list[bytes | str] = [answer(headers=b"keep-alive: timeout=2, max=100\r\n")] * 3
+    async with (
+        serving(Server(script)) as server,
+        client(clock=lambda: now[0]) as http,
+    ):
+        assert (await post(http, server.url)).status_code == 202
+        now[0] += 0.9
+        assert (await post(http, server.url)).status_code == 202
+        assert server.connections == 1
+        now[0] += 1.1
+        assert (await post(http, server.url)).status_code == 202
+    assert server.connections == 2
