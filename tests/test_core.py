@@ -223,11 +223,11 @@ class TestOtherLoopsAndThreads:
         assert len({e["context"]["$message_id"] for e in api.events}) == 2000
 
 
-def make_scheduler(**overrides: Any) -> tuple[Scheduler, Intake, Ledger]:
+def make_scheduler(max_queue: int = 1000, **overrides: Any) -> tuple[Scheduler, Intake, Ledger]:
     settings = Settings(api_key=API_KEY, flush_interval=1.0, clock=lambda: NOW, **overrides)
     ledger = Ledger(None)
     intake = Intake(
-        max_size=1000, max_bytes=10**9, drop_newest=False, ledger=ledger, wake=lambda: None,
+        max_size=max_queue, max_bytes=10**9, drop_newest=False, ledger=ledger, wake=lambda: None,
         disabled=False,
     )  # fmt: skip
     return Scheduler(settings, intake, ledger, b"{}"), intake, ledger

@@ -25,7 +25,7 @@ class Batch:
     ``first`` is the queue position (counted since the client was made) of its first event,
     which ``flush()`` compares with its target; ``retained_round`` is the flush round in which
     it was last kept after a failure, ``failure`` the reason it would be dropped with and
-    ``last_failure`` what its last attempt met.
+    ``last_failure`` what its last attempt met. ``half``: split from a batch answered 413.
     """
 
     items: list[ev.Item]
@@ -35,18 +35,48 @@ class Batch:
     retained_round: int = -1
     failure: str = "shutdown"
     last_failure: str = ""
+    half: bool = False
 
     @property
     def message_ids(self) -> tuple[str, ...]:
         return tuple(item[4] for item in self.items if item[4])
 
+    @property
+    def body_size(self) -> int:
+        """Bytes of its request's body: the envelope and the events, or an identify alone."""
+        if self.identify:
+            return len(self.bodies[0])
+        return _ENVELOPE + sum(map(len, self.bodies)) + len(self.bodies) - 1
+
     def halves(self) -> tuple[Batch, Batch]:
         """The batch split in two, for a server that answered 413."""
-        half = len(self.items) // 2
+        mid, first = len(self.items) // 2, self.first
+        items, bodies = self.items, self.bodies
         return (
-            Batch(self.items[:half], self.bodies[:half], identify=False, first=self.first),
-            Batch(self.items[half:], self.bodies[half:], identify=False, first=self.first + half),
+            Batch(items[:mid], bodies[:mid], identify=False, first=first, half=True),
+            Batch(items[mid:], bodies[mid:], identify=False, first=first + mid, half=True),
         )
+
+    def cut(self, max_bytes: int) -> list[Batch]:
+        """The batch in pieces of at most ``max_bytes`` of body each, in order; an event larger
+        than that alone is a piece alone."""
+        ends = list(accumulate(len(body) + 1 for body in self.bodies))  # each with its comma
+        room = max_bytes - _ENVELOPE + 1
+        pieces: list[Batch] = []
+        start = used = 0
+        while start < len(ends):
+            end = max(bisect_right(ends, used + room, start), start + 1)
+            pieces.append(
+                Batch(
+                    self.items[start:end],
+                    self.bodies[start:end],
+                    identify=False,
+                    first=self.first + start,
+                )
+            )
+            used = ends[end - 1]
+            start = end
+        return pieces
 
 
 def take_batch(

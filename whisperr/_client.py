@@ -335,6 +335,7 @@ class AsyncClient:
             + scheduler.retained_bytes,
             in_flight=scheduler.in_flight_events,
             batches_in_flight=len(scheduler.in_flight),
+            max_batch_bytes_learned=scheduler.body_limit.fits,
             last_error=ledger.last_error,
         )
 

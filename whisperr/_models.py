@@ -40,11 +40,14 @@ class DeliveryReport:
 @attrs.frozen
 class Stats:
     """A snapshot of the client's counters, in events (tracks and identifies) but for
-    ``batches_in_flight``.
+    ``batches_in_flight`` and ``max_batch_bytes_learned``.
 
     After ``aclose()`` every tracked event is accounted for:
     ``tracked == delivered + dropped``. ``queued`` includes events kept after an auth failure
     or exhausted retries; ``in_flight`` counts the events of the requests under way.
+    ``max_batch_bytes_learned`` is the request body size, in bytes, that batches are cut to
+    after the server answered 413 to larger ones (None while nothing was learned): set
+    ``max_batch_bytes`` to it to spare those 413s.
     """
 
     tracked: int
@@ -56,6 +59,7 @@ class Stats:
     queued_bytes: int
     in_flight: int
     batches_in_flight: int
+    max_batch_bytes_learned: int | None
     last_error: DeliveryReport | None
 
 

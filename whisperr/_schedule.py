@@ -8,6 +8,7 @@ the batch methods; :class:`FlushBarriers` is also used by callers' threads, unde
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator
 
@@ -21,6 +22,12 @@ from ._ledger import Ledger
 from ._models import ReportType
 from ._signal import Signal
 from ._transport import Outcome, backoff
+
+logger = logging.getLogger("whisperr")
+
+# While a body limit is learned, a batch larger than it goes whole again (up to max_batch_bytes)
+# this many seconds after the limit was learned or last tried so: the server's limit may rise.
+RETRY_WHOLE_AFTER = 600.0
 
 
 @attrs.define(eq=False)
@@ -81,6 +88,77 @@ class FlushBarriers:
         self.release_all()
 
 
+@attrs.define
+class BodyLimit:
+    """The largest request body the server takes, as its 413 answers taught it.
+
+    ``refused`` is the smallest body of a batch (of more than one event) answered 413 and
+    ``fits`` the size batches are cut to: None until a half of a refused batch is delivered,
+    then the largest body delivered below ``refused``. A small batch delivered meanwhile
+    teaches nothing (it would cut every batch to its size). What contradicts them is unlearned:
+    a body delivered at ``refused`` or above forgets both (the server takes more now), one
+    refused at ``fits`` or below is learned again (it takes less). ``retry_whole_at``: when
+    the next batch larger than ``fits`` goes whole, a try of ``max_batch_bytes`` again.
+    """
+
+    max_batch_bytes: int
+    refused: int | None = None
+    fits: int | None = None
+    retry_whole_at: float = 0.0
+
+    def pieces(self, batch: Batch, now: float) -> list[Batch]:
+        """A batch just taken from the queue, cut to ``fits``; whole (up to ``max_batch_bytes``)
+        when ``retry_whole_at`` has passed, which sets the next try a period later."""
+        fits = self.fits
+        if fits is None or len(batch.items) == 1 or batch.body_size <= fits:
+            return [batch]  # a lone event larger than fits goes too: only a 413 drops it
+        if now >= self.retry_whole_at:
+            self.retry_whole_at = now + RETRY_WHOLE_AFTER
+            return [batch]
+        return batch.cut(fits)
+
+    def too_large(self, batch: Batch) -> list[Batch]:
+        """A batch of more than one event was answered 413: the pieces to send again."""
+        size = batch.body_size
+        self.refused = size if self.refused is None else min(self.refused, size)
+        if self.fits is not None and size > self.fits:
+            return batch.cut(self.fits)
+        self.fits = None  # nothing learned yet, or the server takes less now: halves find it
+        return list(batch.halves())
+
+    def delivered(self, batch: Batch, now: float) -> None:
+        """A batch (not an identify) was delivered: what its body size teaches."""
+        refused = self.refused
+        if refused is None:
+            return
+        size = batch.body_size
+        if size >= refused:
+            self.refused = self.fits = None
+            logger.info(
+                "whisperr: the server took a request body of %d bytes (it refused %d before); "
+                "batches go up to max_batch_bytes=%d again",
+                size,
+                refused,
+                self.max_batch_bytes,
+            )
+        elif self.fits is not None:
+            self.fits = max(self.fits, size)
+        elif batch.half:
+            self.fits = size
+            self.retry_whole_at = now + RETRY_WHOLE_AFTER
+            logger.warning(
+                "whisperr: the server answered 413 (payload too large) to a request body of %d "
+                "bytes; batches are cut to %d bytes from now on, the largest body it took since. "
+                "Lower max_batch_bytes (now %d) to %d to spare the 413s; every %d minutes one "
+                "batch tries max_batch_bytes again",
+                refused,
+                size,
+                self.max_batch_bytes,
+                size,
+                RETRY_WHOLE_AFTER // 60,
+            )
+
+
 class Scheduler:
     """The batches taken from the intake: in flight, or kept after a failure to be sent again."""
 
@@ -91,6 +169,8 @@ class Scheduler:
         self._intake = intake
         self._base_context = base_context
         self.ledger = ledger
+        # What the server's 413s taught; kept in a forked child, which talks to the same server.
+        self.body_limit = BodyLimit(settings.max_batch_bytes)
         self.reset()
 
     def reset(self) -> None:
@@ -160,7 +240,12 @@ class Scheduler:
             )
             if not len(intake):
                 self._timer_start = None
-            return taken
+            if taken is None:
+                return None
+            first, *rest = self.body_limit.pieces(taken, now)
+            for piece in rest:
+                self.retain(piece, front=True)  # sent next, before the queue
+            return first
         return None
 
     def _due(self, now: float) -> bool:
@@ -216,6 +301,8 @@ class Scheduler:
             rejected = min(outcome.rejected, count)
             self.ledger.deliver(count - rejected)
             self._pause_level = 0
+            if not batch.identify:
+                self.body_limit.delivered(batch, now)
             if rejected:
                 self.ledger.report(
                     "dropped",
@@ -226,8 +313,8 @@ class Scheduler:
                     (),
                 )
         elif outcome.kind == "too_large" and count > 1:
-            for half in reversed(batch.halves()):  # sent again at once, in order
-                self.retain(half, front=True)
+            for piece in self.body_limit.too_large(batch):  # sent again at once, in order
+                self.retain(piece, front=True)
         elif outcome.kind in ("drop", "too_large"):
             self.ledger.drop(batch.items, outcome.reason, outcome.message, outcome.status)
         else:
