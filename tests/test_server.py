@@ -97,6 +97,7 @@ def test_public_names_are_sorted_and_complete() -> None:
     """The package exports exactly its small public surface, in sorted order."""
     assert whisperr.server.__all__ == sorted(whisperr.server.__all__)
     assert set(whisperr.server.__all__) == {
+        "ReceiptShape",
         "DropConnection",
         "Fault",
         "Faults",
@@ -139,12 +140,21 @@ class TestBatch:
         assert len(app.events) == 2
 
     async def test_track_accepts_one_event(self) -> None:
-        """The single-event endpoint answers 202 with one accepted."""
+        """The single-event endpoint answers 202 with a receipt (its default shape)."""
         app, one = make_app(), event()
         response = await call(app, "/v1/events/track", one)
         assert response.status_code == 202
-        assert response.json() == {"accepted": 1, "rejected": 0}
+        assert response.json() == {
+            "event": {"id": "evt_00000001", "mapping_status": "mapped"},
+            "user": {"external_user_id": one["external_user_id"]},
+            "job": {"id": "job_00000001", "status": "queued"},
+        }
         assert app.events == [one]
+        assert app.sent_ids() == {one["context"]["$message_id"]}
+
+    def test_an_unknown_receipt_shape_is_refused(self) -> None:
+        with pytest.raises(ValueError, match="receipt must be one of event, queued, durable"):
+            create_app(receipt="weird")  # type: ignore[arg-type]
 
     async def test_gzip_body_is_accepted(self) -> None:
         """A gzip-compressed batch (the SDK's opt-in) is decoded; the record keeps wire size."""

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from ._client import AsyncClient
 from ._config import Settings
-from ._default import flush, get_client, identify, init, shutdown, track
-from ._errors import ClientClosedError, ConfigError, InvalidEventError, WhisperrError
+from ._default import flush, get_client, identify, identify_now, init, send, shutdown, track
+from ._errors import ClientClosedError, ConfigError, InvalidEventError, SendError, WhisperrError
 from ._exit import exit_on_sigterm
-from ._models import DeliveryReport, FlushResult, Stats
+from ._models import DeliveryReport, FlushResult, Receipt, Stats
 from ._sync import Client, flush_after
 from ._version import __version__
 
@@ -23,6 +23,8 @@ __all__ = [
     "DeliveryReport",
     "FlushResult",
     "InvalidEventError",
+    "Receipt",
+    "SendError",
     "Settings",
     "Stats",
     "WhisperrError",
@@ -32,7 +34,9 @@ __all__ = [
     "flush_after",
     "get_client",
     "identify",
+    "identify_now",
     "init",
+    "send",
     "shutdown",
     "track",
 ]

@@ -23,9 +23,10 @@ from ._delivery import Delivery
 from ._errors import ClientClosedError, InvalidEventError
 from ._intake import ITEM_OVERHEAD, Intake
 from ._ledger import Ledger
-from ._models import FlushResult, Stats
+from ._models import FlushResult, Receipt, Stats
 from ._runner import Runner, RunnerState
 from ._schedule import Scheduler
+from ._send import REPORT_GRACE, SendJob, not_sent
 from ._transport import SDK_NAME
 from ._version import __version__
 
@@ -270,6 +271,121 @@ class AsyncClient:
             self._runner.kick()  # the first drop of a reporting window: the runner reports it
         return message_id
 
+    # -- delivering now: send and identify_now ------------------------------------------------
+
+    async def send(
+        self,
+        external_user_id: str,
+        event_type: str,
+        properties: Mapping[str, Any] | None = None,
+        context: Mapping[str, Any] | None = None,
+        *,
+        occurred_at: Any = None,
+        message_id: str | None = None,
+        timeout: float | None = None,
+    ) -> Receipt:
+        """Deliver one event now, alone (``POST /v1/events/track``), and return the receipt.
+
+        Validated and stamped as :meth:`track` does, but not queued: it does not wait for the
+        queue, and ``flush()`` does not wait for it. 429, 5xx, network failures and timeouts
+        are retried with the client's backoff and Retry-After rules, with the same body (the
+        same ``$message_id`` and ``occurred_at``) every time, as long as another attempt fits
+        in ``timeout`` (default: ``request_timeout``). Works from any event loop or thread.
+
+        Args:
+            external_user_id, event_type, properties, context, occurred_at, message_id: as for
+                :meth:`track`; an ``occurred_at`` you pass is sent as given (to the millisecond),
+                so a replay keeps its time.
+            timeout: the most the call takes, in seconds, retries included.
+
+        Returns:
+            A :class:`Receipt` (``sent=False`` when the client is ``disabled``).
+
+        Raises:
+            InvalidEventError: the event breaks a rule (also with ``strict=False``: the caller
+                is waiting for this event).
+            SendError: it did not land; ``retryable`` says whether trying again may help.
+            ClientClosedError: the client was closed.
+        """
+        item = self._capture(
+            external_user_id, event_type, properties, context, occurred_at, message_id
+        )
+        body = ev.encode_event(item, self._base_tail)
+        return await self._send(body, item[4], identify=False, timeout=timeout)
+
+    async def identify_now(
+        self,
+        external_user_id: str,
+        traits: Mapping[str, Any] | None = None,
+        *,
+        email: str | None = None,
+        phone: str | None = None,
+        push_token: str | None = None,
+        preferred_channel: str | None = None,
+        channels: Sequence[Mapping[str, Any]] | None = None,
+        timeout: float | None = None,
+    ) -> Receipt:
+        """Deliver an identify now (``POST /v1/identify``), with the rules of :meth:`send`.
+
+        Not queued: it is not ordered with the tracks in the queue (:meth:`identify` is).
+
+        Raises:
+            InvalidEventError, SendError, ClientClosedError: as for :meth:`send`.
+        """
+        shortcuts = (("email", email), ("sms", phone), ("push", push_token))
+        body = ev.encode_identify(external_user_id, traits, preferred_channel, channels, shortcuts)
+        return await self._send(body, "", identify=True, timeout=timeout)
+
+    def _capture(
+        self,
+        external_user_id: object,
+        event_type: object,
+        properties: object,
+        context: object,
+        occurred_at: object,
+        message_id: object,
+    ) -> ev.Item:
+        """One event, validated and stamped as track() makes it (the slow path, whole)."""
+        user_id = ev.check_user_id(external_user_id)
+        exact_type = ev.check_event_type(event_type)
+        props = b"{}" if properties is None else ev.encode_object("properties", properties)
+        encoded_context, stamp, mid = self._extras(context, occurred_at, message_id)
+        item: ev.Item = (
+            (user_id, exact_type, stamp, props, mid)
+            if encoded_context is None
+            else (user_id, exact_type, stamp, props, mid, encoded_context)
+        )
+        self._check_fits(item)
+        return item
+
+    def _submit(
+        self, body: bytes, message_id: str, *, identify: bool, timeout: float | None
+    ) -> SendJob:
+        """Hand a send to the runner (a disabled client: a job done at once, not sent).
+
+        While the client closes, a send (from an ``on_error`` hook, say) is still taken."""
+        if self._runner.state is RunnerState.CLOSED:
+            raise ClientClosedError("this whisperr client is closed")
+        if timeout is None:
+            timeout = self._settings.request_timeout
+        elif not timeout > 0:
+            raise ValueError(f"timeout must be > 0, got {timeout!r}")
+        job = SendJob.make(body, message_id, identify=identify, timeout=timeout)
+        if self._settings.disabled:
+            job.receipt = not_sent(message_id)
+            job.done.set()
+        else:
+            self._runner.submit(job)
+        return job
+
+    async def _send(
+        self, body: bytes, message_id: str, *, identify: bool, timeout: float | None
+    ) -> Receipt:
+        job = self._submit(body, message_id, identify=identify, timeout=timeout)
+        if not await job.done.wait(job.remaining() + REPORT_GRACE):
+            job.fail(job.stopped("no answer: the client's delivery did not report in time", 0))
+        return job.result()
+
     # -- waiting: flush and close -------------------------------------------------------------
 
     async def flush(self, timeout: float | None = None) -> FlushResult:
@@ -337,6 +453,9 @@ class AsyncClient:
             batches_in_flight=len(scheduler.in_flight),
             max_batch_bytes_learned=scheduler.body_limit.fits,
             last_error=ledger.last_error,
+            sent=ledger.sent,
+            send_failed=ledger.send_failed,
+            sending=len(self._runner.sending),
         )
 
     def _counts(self) -> tuple[int, int]:

@@ -8,7 +8,7 @@ from typing import Any
 from ._client import AsyncClient
 from ._config import Settings
 from ._errors import WhisperrError
-from ._models import FlushResult
+from ._models import FlushResult, Receipt
 
 _default: AsyncClient | None = None
 
@@ -79,6 +79,52 @@ def identify(
         push_token=push_token,
         preferred_channel=preferred_channel,
         channels=channels,
+    )
+
+
+async def send(
+    external_user_id: str,
+    event_type: str,
+    properties: Mapping[str, Any] | None = None,
+    context: Mapping[str, Any] | None = None,
+    *,
+    occurred_at: Any = None,
+    message_id: str | None = None,
+    timeout: float | None = None,
+) -> Receipt:
+    """``send()`` on the default client; see :meth:`AsyncClient.send`."""
+    return await get_client().send(
+        external_user_id,
+        event_type,
+        properties,
+        context,
+        occurred_at=occurred_at,
+        message_id=message_id,
+        timeout=timeout,
+    )
+
+
+async def identify_now(
+    external_user_id: str,
+    traits: Mapping[str, Any] | None = None,
+    *,
+    email: str | None = None,
+    phone: str | None = None,
+    push_token: str | None = None,
+    preferred_channel: str | None = None,
+    channels: Sequence[Mapping[str, Any]] | None = None,
+    timeout: float | None = None,
+) -> Receipt:
+    """``identify_now()`` on the default client; see :meth:`AsyncClient.identify_now`."""
+    return await get_client().identify_now(
+        external_user_id,
+        traits,
+        email=email,
+        phone=phone,
+        push_token=push_token,
+        preferred_channel=preferred_channel,
+        channels=channels,
+        timeout=timeout,
     )
 
 

@@ -22,6 +22,7 @@ from ._errors import ConfigError
 from ._http11 import IDLE_EXPIRY, Http1Transport
 from ._ledger import Ledger
 from ._models import DeliveryReport
+from ._send import SendJob
 from ._transport import Outcome, backoff, post, request_headers
 
 logger = logging.getLogger("whisperr")
@@ -35,6 +36,7 @@ class Delivery:
         self.ledger = ledger
         self._url_batch = httpx.URL(f"{settings.base_url}/v1/events/batch")
         self._url_identify = httpx.URL(f"{settings.base_url}/v1/identify")
+        self._url_track = httpx.URL(f"{settings.base_url}/v1/events/track")
         self._headers = request_headers(settings.api_key or "")
         self.proxy = proxy_for(settings)
         self._ssl_context: ssl.SSLContext | None = None
@@ -116,6 +118,39 @@ class Delivery:
                 ),
             )
             attempt += 1
+            await s.sleep(delay)
+
+    async def send_now(self, http: httpx.AsyncClient, job: SendJob) -> None:
+        """Make ``job``'s requests until an answer settles it or its deadline is near.
+
+        The same body (so the same ``$message_id`` and ``occurred_at``) goes on every attempt;
+        429/5xx/network failures and timeouts are retried with the batches' backoff and
+        Retry-After rules, as long as the wait and another attempt fit before the deadline.
+        """
+        s = self._settings
+        url = self._url_identify if job.identify else self._url_track
+        attempts = 0
+        while True:
+            remaining = job.remaining()
+            if remaining <= 0:
+                job.fail(job.stopped("the send's timeout passed before an attempt", attempts))
+                return
+            timeout = min(s.request_timeout, remaining)
+            outcome = await post(http, url, self._headers, job.body, timeout, s.clock)
+            attempts += 1
+            if outcome.kind == "ok":
+                job.succeed(outcome, attempts)
+                return
+            if outcome.kind != "retry":
+                job.fail(job.error_from(outcome, attempts))
+                return
+            delay = outcome.retry_after
+            if delay is None:
+                delay = backoff(attempts - 1, s.backoff_base, s.backoff_cap)
+            if delay >= job.remaining():
+                why = f"; {attempts} attempts, and the next would not fit in the send's timeout"
+                job.fail(job.error_from(outcome, attempts, why))
+                return
             await s.sleep(delay)
 
     def _note(self, outcome: Outcome) -> None:

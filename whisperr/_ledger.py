@@ -38,6 +38,8 @@ class Ledger:
     on_error: OnError | None
     delivered: int = 0
     retried: int = 0
+    sent: int = 0  # sends that got a receipt (counted apart from tracked events)
+    send_failed: int = 0  # sends that raised SendError
     refused: int = 0  # dropped at capture, never queued: invalid (strict=False) or overflow
     dropped: Counter[str] = attrs.field(factory=Counter)
     last_error: DeliveryReport | None = None
@@ -47,7 +49,7 @@ class Ledger:
 
     def reset(self) -> None:
         """Zero every counter (in a forked child: the parent's events are the parent's)."""
-        self.delivered = self.retried = self.refused = 0
+        self.delivered = self.retried = self.refused = self.sent = self.send_failed = 0
         self.dropped = Counter()
         self.last_error = None
         self.spawn = None
@@ -85,6 +87,13 @@ class Ledger:
 
     def deliver(self, count: int) -> None:
         self.delivered += count
+
+    def settle_send(self, landed: bool) -> None:
+        """Count a send that ended: with a receipt, or with a SendError for its caller."""
+        if landed:
+            self.sent += 1
+        else:
+            self.send_failed += 1
 
     def retry(self, count: int, report: DeliveryReport) -> None:
         """Count a failed attempt about to be retried; it becomes ``last_error``."""

@@ -1,9 +1,10 @@
-"""The frozen records the client hands out: delivery reports, statistics and flush results."""
+"""The frozen records the client hands out: delivery reports, statistics, flush results and
+the receipts of sends."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Literal
+from typing import Any, Literal
 
 import attrs
 
@@ -48,6 +49,9 @@ class Stats:
     ``max_batch_bytes_learned`` is the request body size, in bytes, that batches are cut to
     after the server answered 413 to larger ones (None while nothing was learned): set
     ``max_batch_bytes`` to it to spare those 413s.
+
+    Sends (``send()``, ``identify_now()``) are counted apart, never in ``tracked``: ``sent``
+    got a receipt, ``send_failed`` raised :class:`SendError`, ``sending`` are under way.
     """
 
     tracked: int
@@ -61,6 +65,9 @@ class Stats:
     batches_in_flight: int
     max_batch_bytes_learned: int | None
     last_error: DeliveryReport | None
+    sent: int = 0
+    send_failed: int = 0
+    sending: int = 0
 
 
 @attrs.frozen
@@ -79,3 +86,37 @@ class FlushResult:
     dropped: int
     pending: int
     timed_out: bool
+
+
+@attrs.frozen
+class Receipt:
+    """What the server said about one event (or identify) delivered now.
+
+    The answer's shape differs between the API's sources; every field is read leniently, and
+    one the answer lacks (or gives with another type) is None, never an error.
+
+    Attributes:
+        message_id: the event's ``$message_id`` (``""`` for an identify).
+        sent: False when the client is ``disabled``: validated, not sent.
+        status: the HTTP status of the answer (None when not sent).
+        attempts: how many requests were made (1 unless some were retried).
+        event_id: ``event.id``.
+        mapping_status: ``event.mapping_status`` (``"mapped"``, ``"pending"``, ...).
+        processing: ``processing`` (``"queued"``, ``"durably_accepted"``, ...).
+        delivery_id: ``delivery.delivery_id``.
+        disposition: ``delivery.disposition``.
+        duplicate: ``delivery.duplicate``: the server had stored this ``$message_id`` before.
+        answer: the whole answer when it was a JSON object (``user``, ``job``, fields to come).
+    """
+
+    message_id: str
+    sent: bool
+    status: int | None
+    attempts: int
+    event_id: str | None = None
+    mapping_status: str | None = None
+    processing: str | None = None
+    delivery_id: str | None = None
+    disposition: str | None = None
+    duplicate: bool | None = None
+    answer: Mapping[str, Any] = attrs.field(factory=dict, repr=False)

@@ -15,19 +15,23 @@ change of state or host happens under ``_lock``, from any thread.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import enum
+import functools
 import logging
 import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import anyio
 
 # Imported now, not lazily by a delivery thread that a fork could catch halfway through it.
 import anyio._backends._asyncio
+import anyio.abc
 import attrs
 import httpx
 
@@ -37,6 +41,7 @@ from ._delivery import Delivery
 from ._intake import Intake
 from ._ledger import Ledger, in_hook
 from ._schedule import Scheduler
+from ._send import SendJob
 from ._signal import Schedule, Signal, loop_here
 
 logger = logging.getLogger("whisperr")
@@ -74,6 +79,9 @@ class Host:
     done: Signal = attrs.field(factory=Signal)
     scope: anyio.CancelScope | None = None
     wakeup: anyio.Event | None = None
+    # Starts the sends handed in, as tasks of the serve loop's group while it is open; only
+    # from a task of the host's loop.
+    start_sends: Callable[[], None] | None = None
 
     def ended(self) -> bool:
         return self.loop is not None and self.loop.is_closed()
@@ -129,6 +137,8 @@ class Runner:
         self.state = RunnerState.IDLE
         self._host: Host | None = None
         self._next_capture_report = 0.0
+        self._sends: collections.deque[SendJob] = collections.deque()  # not started yet
+        self.sending: set[SendJob] = set()  # under way in the host that serves
 
     def after_fork(self) -> None:
         """In a forked child: the parent's host and work stay the parent's."""
@@ -160,6 +170,25 @@ class Runner:
         except RuntimeError:  # that loop has ended (trio: RunFinishedError)
             self._forget(host)
             self.start()
+
+    def on_host_thread(self) -> bool:
+        """Whether this thread runs the serve loop (it cannot block waiting for it)."""
+        host = self._host
+        return host is not None and host.thread == threading.get_ident()
+
+    def submit(self, job: SendJob) -> None:
+        """Hand a send to whichever host serves (started if none does); from any thread."""
+        with self._lock:  # so that a stay ending now sees it, and another starts for it
+            closed = self.state is RunnerState.CLOSED
+            if closed:
+                job.fail(job.stopped("the client is closed", 0))
+                return
+            self._sends.append(job)
+            host = self._host
+            if host is not None and host.thread == threading.get_ident() and host.start_sends:
+                host.start_sends()  # a task of the serve loop itself (an on_error hook)
+                return
+            self.kick()
 
     def start(self, *, own_thread: bool = False) -> None:
         """Start serving: in this thread's running loop, else on the own thread."""
@@ -239,6 +268,7 @@ class Runner:
             if self._host is host:
                 self._host = None
                 self._scheduler.cut_off()
+                self._stop_sends(self.sending, "the event loop delivering it ended")
                 if self.state is RunnerState.RUNNING:
                     self.state = RunnerState.IDLE
                 self._intake.wake_at = 1
@@ -288,6 +318,7 @@ class Runner:
                 if finalize:
                     self.state = RunnerState.CLOSED
                     self._scheduler.barriers.close()
+                    self._stop_sends(self._sends, "the client closed before the send began")
                 elif self.state is RunnerState.CLOSING:
                     restart = True  # the close began during this stay's end: drain in another
                 elif ending is Ending.FAILED:  # no retry loop: the next track() starts again
@@ -295,7 +326,7 @@ class Runner:
                     self._scheduler.barriers.release_all()
                 else:
                     self.state = RunnerState.IDLE
-                    restart = not self._scheduler.idle() or self._ledger.capture_drops_pending
+                    restart = not self._idle() or self._ledger.capture_drops_pending
                     if ending is Ending.CUT:  # a loop ended: deliver all it left at once
                         self._scheduler.barriers.drain_to = self._intake.end
             host.done.set()
@@ -303,22 +334,35 @@ class Runner:
                 self.start(own_thread=True)
 
     async def _serve(self, host: Host, http: httpx.AsyncClient) -> None:
-        async with anyio.create_task_group() as tg:
-            self._ledger.spawn = tg.start_soon
-            try:
-                while (batch := await self._next_batch(host)) is not None:
-                    if batch.identify:
-                        await self._deliver(host, http, batch)
-                    else:
-                        tg.start_soon(self._deliver, host, http, batch)
-            finally:
-                self._ledger.spawn = None
+        try:
+            async with anyio.create_task_group() as tg:
+                self._ledger.spawn = tg.start_soon
+                host.start_sends = functools.partial(self._start_sends, tg, host, http)
+                try:
+                    while (batch := await self._next_batch(host)) is not None:
+                        if batch.identify:
+                            await self._deliver(host, http, batch)
+                        else:
+                            tg.start_soon(self._deliver, host, http, batch)
+                finally:
+                    self._ledger.spawn = None
+        finally:
+            host.start_sends = None
+
+    def _start_sends(self, tg: anyio.abc.TaskGroup, host: Host, http: httpx.AsyncClient) -> None:
+        """Start the sends handed in, each a task of the serve loop's group."""
+        while self._sends:
+            job = self._sends.popleft()
+            self.sending.add(job)
+            tg.start_soon(self._send, host, http, job)
 
     async def _next_batch(self, host: Host) -> Batch | None:
         """Wait until a batch should go out and return it; None once this stay is over."""
         scheduler, ledger = self._scheduler, self._ledger
         interval = self._settings.flush_interval
         while True:
+            if host.start_sends is not None:
+                host.start_sends()
             now = time.monotonic()
             if ledger.capture_drops_pending and (
                 now >= self._next_capture_report or self.state is RunnerState.CLOSING
@@ -335,10 +379,13 @@ class Runner:
             if ledger.capture_drops_pending:
                 report_in = max(self._next_capture_report - now, 0.0)
                 deadline = report_in if deadline is None else min(deadline, report_in)
-            lingering = host.own and deadline is None and scheduler.idle()
+            lingering = host.own and deadline is None and self._idle()
             woken = await self._wait(host, LINGER if lingering else deadline)
-            if lingering and not woken and scheduler.idle() and self.state is RunnerState.RUNNING:
+            if lingering and not woken and self._idle() and self.state is RunnerState.RUNNING:
                 return None  # idle on the own thread: end it; the next track() starts another
+
+    def _idle(self) -> bool:
+        return self._scheduler.idle() and not (self.sending or self._sends)
 
     async def _wait(self, host: Host, timeout: float | None) -> bool:
         host.wakeup = event = anyio.Event()
@@ -362,6 +409,29 @@ class Runner:
             else:  # outcome None: cancelled mid-request, kept; it may be retried
                 scheduler.settle(batch, outcome, time.monotonic())
             host.wake()
+
+    async def _send(self, host: Host, http: httpx.AsyncClient, job: SendJob) -> None:
+        try:
+            await self._delivery.send_now(http, job)
+        except Exception:
+            logger.exception("whisperr: unexpected error while sending")
+            job.fail(job.stopped("unexpected error while sending (logged)", 0))
+        finally:
+            if not job.done.is_set():  # cancelled: the close ran out of time, or the loop ended
+                job.fail(
+                    job.stopped(
+                        "cut off before it landed: the client closed, or its event loop ended", 0
+                    )
+                )
+            self.sending.discard(job)
+            self._ledger.settle_send(job.error is None)
+            host.wake()
+
+    def _stop_sends(self, jobs: set[SendJob] | collections.deque[SendJob], why: str) -> None:
+        for job in list(jobs):
+            job.fail(job.stopped(why, 0))
+            self._ledger.settle_send(False)
+        jobs.clear()
 
     async def _final_reports(self) -> None:
         """At close: report everything left; an async hook gets a second for the reports."""

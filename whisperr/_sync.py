@@ -8,10 +8,12 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, ParamSpec, TypeVar, final
 
+from . import _events as ev
 from ._client import AsyncClient
 from ._config import Settings
-from ._models import FlushResult, Stats
+from ._models import FlushResult, Receipt, Stats
 from ._runner import RunnerState
+from ._send import REPORT_GRACE, SendJob
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -81,6 +83,53 @@ class Client:
             external_user_id, traits, email=email, phone=phone, push_token=push_token,
             preferred_channel=preferred_channel, channels=channels,
         )  # fmt: skip
+
+    def send(
+        self,
+        external_user_id: str,
+        event_type: str,
+        properties: Mapping[str, Any] | None = None,
+        context: Mapping[str, Any] | None = None,
+        *,
+        occurred_at: Any = None,
+        message_id: str | None = None,
+        timeout: float | None = None,
+    ) -> Receipt:
+        """Deliver one event now and block for its receipt; see :meth:`AsyncClient.send`.
+
+        Safe from any thread. Called on the delivery thread itself (from an ``on_error``
+        hook) it cannot wait for that thread, and raises :class:`SendError` at once.
+        """
+        item = self._async._capture(
+            external_user_id, event_type, properties, context, occurred_at, message_id
+        )
+        body = ev.encode_event(item, self._async._base_tail)
+        return self._wait(self._async._submit(body, item[4], identify=False, timeout=timeout))
+
+    def identify_now(
+        self,
+        external_user_id: str,
+        traits: Mapping[str, Any] | None = None,
+        *,
+        email: str | None = None,
+        phone: str | None = None,
+        push_token: str | None = None,
+        preferred_channel: str | None = None,
+        channels: Sequence[Mapping[str, Any]] | None = None,
+        timeout: float | None = None,
+    ) -> Receipt:
+        """Deliver an identify now and block for its receipt; see
+        :meth:`AsyncClient.identify_now`."""
+        shortcuts = (("email", email), ("sms", phone), ("push", push_token))
+        body = ev.encode_identify(external_user_id, traits, preferred_channel, channels, shortcuts)
+        return self._wait(self._async._submit(body, "", identify=True, timeout=timeout))
+
+    def _wait(self, job: SendJob) -> Receipt:
+        if not job.done.is_set() and self._runner.on_host_thread():
+            job.fail(job.stopped("a blocking send cannot wait on the client's delivery thread", 0))
+        elif not job.done.wait_blocking(job.remaining() + REPORT_GRACE):
+            job.fail(job.stopped("no answer: the client's delivery did not report in time", 0))
+        return job.result()
 
     def flush(self, timeout: float | None = None) -> FlushResult:
         """Block until everything tracked before the call is settled, or ``timeout`` passes.

@@ -37,6 +37,7 @@ class Outcome:
     retry_after: float | None = None
     rejected: int = 0
     connecting: bool = False  # no connection could be made (DNS, refused, TLS, proxy)
+    answer: bytes = attrs.field(default=b"", repr=False)  # the answer's body, decoded
 
 
 def backoff(attempt: int, base: float, cap: float, jitter: float = 1.0) -> float:
@@ -71,17 +72,23 @@ def classify(
     """Map an HTTP answer to what the client must do with the request's events."""
     if 200 <= status < 300:
         rejected = rejected_count(content) if url.path.endswith("/batch") else 0
-        return Outcome("ok", "ok", "delivered", status, rejected=rejected)
+        return Outcome("ok", "ok", "delivered", status, rejected=rejected, answer=content)
     if status in (401, 403):
-        return Outcome("auth", "unauthorized", f"the API key was rejected ({status})", status)
+        return Outcome(
+            "auth", "unauthorized", f"the API key was rejected ({status})", status, answer=content
+        )
     if status == 429 or status >= 500:
         retry_after = None
         if status in (429, 503):
             retry_after = parse_retry_after(headers.get("retry-after"), now)
         reason = "rate_limited" if status == 429 else "server_error"
-        return Outcome("retry", reason, f"the server answered {status}", status, retry_after)
+        return Outcome(
+            "retry", reason, f"the server answered {status}", status, retry_after, answer=content
+        )
     if status == 413:
-        return Outcome("too_large", "payload_too_large", "the server answered 413", status)
+        return Outcome(
+            "too_large", "payload_too_large", "the server answered 413", status, answer=content
+        )
     if 300 <= status < 400:
         return Outcome(
             "drop",
@@ -89,8 +96,11 @@ def classify(
             f"the server answered {status} to POST {url}; redirects are never followed "
             "with the API key, check base_url",
             status,
+            answer=content,
         )
-    return Outcome("drop", "rejected", f"the server rejected POST {url} ({status})", status)
+    return Outcome(
+        "drop", "rejected", f"the server rejected POST {url} ({status})", status, answer=content
+    )
 
 
 class _Headers(httpx.Headers):

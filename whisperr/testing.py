@@ -146,7 +146,8 @@ class Capture:
     ) -> TrackedEvent:
         """Assert such an event was received (exactly ``count`` times if given); return the last.
 
-        Properties match as a subset: the event may carry more keys.
+        Properties match as a subset: the event may carry more keys. Events delivered now with
+        ``send()`` count too (:meth:`assert_sent` counts only those).
 
         Raises:
             AssertionError: with a listing of what was received instead.
@@ -158,6 +159,33 @@ class Capture:
         seen = "\n".join(f"  {e.user} {e.event_type} {dict(e.properties)}" for e in self.events)
         times = "" if count is None else f" {count} time(s), found {len(found)}"
         raise AssertionError(f"expected {wanted}{times}; received:\n{seen or '  nothing'}")
+
+    def assert_sent(
+        self,
+        event_type: str,
+        *,
+        user: str | None = None,
+        properties: Mapping[str, Any] | None = None,
+        count: int | None = None,
+    ) -> TrackedEvent:
+        """:meth:`assert_tracked` for events delivered one at a time (``send()``, on
+        ``/v1/events/track``), not in a batch; the others do not count.
+
+        Raises:
+            AssertionError: with a listing of what was sent instead.
+        """
+        sent = self.app.sent_ids()
+        found = [
+            e for e in self.tracked(event_type, user=user, properties=properties)
+            if e.message_id in sent
+        ]  # fmt: skip
+        if found and (count is None or len(found) == count):
+            return found[-1]
+        wanted = f"{event_type!r} for user {user!r} with properties {dict(properties or {})!r}"
+        listing = [e for e in self.events if e.message_id in sent]
+        seen = "\n".join(f"  {e.user} {e.event_type} {dict(e.properties)}" for e in listing)
+        times = "" if count is None else f" {count} time(s), found {len(found)}"
+        raise AssertionError(f"expected {wanted} sent{times}; sent:\n{seen or '  nothing'}")
 
     def assert_nothing_tracked(self) -> None:
         """Assert no event reached the server."""

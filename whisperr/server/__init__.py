@@ -16,7 +16,7 @@ faults, which hang up instead of answering, need the real server), or from a she
 
 from __future__ import annotations
 
-from whisperr.server._app import RequestRecord, WhisperrApp, create_app
+from whisperr.server._app import ReceiptShape, RequestRecord, WhisperrApp, create_app
 from whisperr.server._faults import DropConnection, Fault, Faults
 from whisperr.server._http import LocalServer, serve
 
@@ -25,6 +25,7 @@ __all__ = [
     "Fault",
     "Faults",
     "LocalServer",
+    "ReceiptShape",
     "RequestRecord",
     "WhisperrApp",
     "create_app",

@@ -11,7 +11,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from whisperr.server._app import WhisperrApp, create_app
+from whisperr.server._app import RECEIPT_SHAPES, WhisperrApp, create_app
 from whisperr.server._faults import Faults, parse_mix
 from whisperr.server._http import DEFAULT_HOST, serve
 
@@ -29,7 +29,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not _is_loopback(args.host):
         print(f"warning: listening on {args.host}, reachable from other hosts", file=sys.stderr)
     app = create_app(
-        api_key=args.api_key, faults=faults, echo=not args.quiet, validate=not args.no_validate
+        api_key=args.api_key,
+        faults=faults,
+        echo=not args.quiet,
+        validate=not args.no_validate,
+        receipt=args.receipt,
     )
     with contextlib.suppress(KeyboardInterrupt):  # platforms without loop signal handlers
         asyncio.run(_serve(app, args.host, args.port))
@@ -49,6 +53,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--latency", type=float, default=0.0, help="seconds before each answer")
     parser.add_argument("--fault-mix", default="", help='e.g. "503=0.2,429:1=0.1,close=0.1"')
     parser.add_argument("--seed", type=int, help="seed for --fault-mix")
+    parser.add_argument(
+        "--receipt",
+        choices=RECEIPT_SHAPES,
+        default="event",
+        help="the shape of the answer to POST /v1/events/track (default %(default)s)",
+    )
     parser.add_argument(
         "--no-validate",
         action="store_true",

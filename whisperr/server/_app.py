@@ -10,7 +10,7 @@ import time
 import uuid
 import zlib
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
-from typing import Any, final
+from typing import Any, Literal, final
 
 import anyio
 import attrs
@@ -57,6 +57,11 @@ class RequestRecord:
     events: int
     body_bytes: int
     fault: Fault | None
+
+
+# The shapes of a `POST /v1/events/track` answer that the API's sources document.
+ReceiptShape = Literal["event", "queued", "durable"]
+RECEIPT_SHAPES: tuple[ReceiptShape, ...] = ("event", "queued", "durable")
 
 
 @attrs.frozen
@@ -111,8 +116,12 @@ class WhisperrApp:
         faults: Faults,
         echo: bool,
         validate: bool = True,
+        receipt: ReceiptShape = "event",
     ) -> None:
+        if receipt not in RECEIPT_SHAPES:
+            raise ValueError(f"receipt must be one of {', '.join(RECEIPT_SHAPES)}, got {receipt!r}")
         self.faults = faults
+        self.receipt: ReceiptShape = receipt
         self._api_key = None if api_key is None else api_key.encode()
         self._clock, self._echo, self._validate = clock, echo, validate
         self._lock = threading.Lock()
@@ -156,14 +165,21 @@ class WhisperrApp:
         with self._lock:
             return set(self._ids)
 
+    def sent_ids(self) -> set[str]:
+        """The `$message_id`s of the events accepted one at a time, on `/v1/events/track`."""
+        with self._lock:
+            return set(self._sent_ids)
+
     def reset(self) -> None:
         """Forget the stored events, identifies, request records and lenient count (not faults)."""
         with self._lock:
             self._events: list[dict[str, Any]] = []
             self._ids: set[str] = set()
+            self._sent_ids: set[str] = set()
             self._identifies: list[dict[str, Any]] = []
             self._requests: list[RequestRecord] = []
             self._lenient_count = 0
+            self._receipts = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Serve one ASGI scope: `http`, or `lifespan` for servers that send it."""
@@ -243,7 +259,37 @@ class WhisperrApp:
         return _invalid(problem) if problem else self._accept(request.data["events"], "events[{}]")
 
     def _track(self, request: _Request) -> _Response:
-        return self._accept([request.data], "")
+        message_id = _message_id(request.data)
+        with self._lock:
+            duplicate = isinstance(message_id, str) and message_id in self._ids
+        response = self._accept([request.data], "")
+        if response.status != 202:
+            return response
+        with self._lock:
+            self._sent_ids.add(message_id)  # type: ignore[arg-type]  # accepted: a str
+        return _Response(202, self._receipt(request.data, duplicate))
+
+    def _receipt(self, event: dict[str, Any], duplicate: bool) -> dict[str, Any]:
+        """The answer to one tracked event, in the shape chosen (see `RECEIPT_SHAPES`)."""
+        with self._lock:
+            self._receipts += 1
+            number = self._receipts
+        if self.receipt == "queued":
+            return {"event": {"mapping_status": "pending"}, "processing": "queued"}
+        if self.receipt == "durable":
+            return {
+                "processing": "durably_accepted",
+                "delivery": {
+                    "delivery_id": f"dlv_{number:08d}",
+                    "disposition": "duplicate" if duplicate else "accepted",
+                    "duplicate": duplicate,
+                },
+            }
+        return {
+            "event": {"id": f"evt_{number:08d}", "mapping_status": "mapped"},
+            "user": {"external_user_id": event["external_user_id"]},
+            "job": {"id": f"job_{number:08d}", "status": "queued"},
+        }
 
     def _accept(self, events: list[Any], where: str) -> _Response:
         check = event_check(now=self._clock())
@@ -315,6 +361,7 @@ def create_app(
     faults: Faults | None = None,
     echo: bool = False,
     validate: bool = True,
+    receipt: ReceiptShape = "event",
 ) -> WhisperrApp:
     """Build a local Whisperr ingestion app.
 
@@ -326,14 +373,30 @@ def create_app(
         validate: False skips the field checks of batches and stores only each event's
             `$message_id` (still deduplicated), so that a benchmark measures the client and not
             this server: parsing and checking cost it about 9 us an event.
+        receipt: The shape of the `202` answer to `POST /v1/events/track`, one of the three the
+            API's sources document, so that code reading receipts can be tested against each:
+            `"event"` (`{"event": {"id", "mapping_status"}, "user": {...}, "job": {...}}`),
+            `"queued"` (`{"event": {"mapping_status": "pending"}, "processing": "queued"}`) or
+            `"durable"` (`{"processing": "durably_accepted", "delivery": {"delivery_id",
+            "disposition", "duplicate"}}`, `duplicate` true for a `$message_id` stored before).
 
     Returns:
         The ASGI app; serve it with `LocalServer`, `serve`, or `httpx.ASGITransport`.
     """
     faults = Faults() if faults is None else faults
     return WhisperrApp(
-        api_key=api_key, clock=clock or time.time, faults=faults, echo=echo, validate=validate
+        api_key=api_key,
+        clock=clock or time.time,
+        faults=faults,
+        echo=echo,
+        validate=validate,
+        receipt=receipt,
     )
+
+
+def _message_id(event: Any) -> object:
+    context = event.get("context") if isinstance(event, dict) else None
+    return context.get("$message_id") if isinstance(context, dict) else None
 
 
 _ROUTES = {
