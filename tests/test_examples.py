@@ -11,12 +11,14 @@ import contextlib
 import importlib.util
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -27,7 +29,7 @@ import pytest
 import uvicorn
 from aiohttp import web
 
-from whisperr.server import LocalServer, create_app
+from whisperr.server import Fault, LocalServer, create_app
 
 from .conftest import API_KEY
 
@@ -237,6 +239,29 @@ def test_asyncio_script(server: LocalServer) -> None:
     assert [(c["channel"], c["address"]) for c in identify["channels"]] == [
         ("email", "ada@example.com")
     ]
+
+
+def test_outbox_publisher(server: LocalServer, tmp_path: Path) -> None:
+    """Every row lands once, with its id and time, through a 503; a second pass sends nothing."""
+    server.app.faults.script([Fault.status(503)])
+    database = str(tmp_path / "outbox.db")
+    out = run_example("outbox_publisher", database)
+    assert "published=3 failed=0" in out
+    assert "ob-0001: published (status 202, attempts 2)" in out
+    stored = {e["context"]["$message_id"]: e for e in server.app.events}
+    assert set(stored) == server.app.sent_ids() == {"ob-0001", "ob-0002", "ob-0003"}
+    with sqlite3.connect(database) as db:
+        rows = dict(db.execute("select id, created_at from outbox").fetchall())
+        states = {state for (state,) in db.execute("select state from outbox")}
+    assert states == {"published"}
+    for row_id, created_at in rows.items():
+        when = datetime.fromisoformat(created_at)
+        assert stored[row_id]["occurred_at"] == when.strftime("%Y-%m-%dT%H:%M:%S.") + (
+            f"{when.microsecond // 1000:03d}Z"
+        )
+    assert "published=0 failed=0" in run_example("outbox_publisher", database)
+    track = [r.status for r in server.app.requests if r.path == "/v1/events/track"]
+    assert track == [503, 202, 202, 202]
 
 
 def test_trio_script(server: LocalServer) -> None:
