@@ -48,12 +48,15 @@ class AsyncClient:
     async context manager, or call ``await client.aclose()`` when done.
 
     Args:
-        settings: a :class:`Settings`; keyword arguments override its fields. Fields given in
-            neither are read from ``WHISPERR_*`` environment variables, else take their defaults.
+        settings: a :class:`Settings` (or the API key, as a string); keyword arguments override
+            its fields. Fields given in neither are read from ``WHISPERR_*`` environment
+            variables, else take their defaults.
         **overrides: any :class:`Settings` field.
     """
 
-    def __init__(self, settings: Settings | None = None, **overrides: Any) -> None:
+    def __init__(self, settings: Settings | str | None = None, **overrides: Any) -> None:
+        if isinstance(settings, str):  # the API key, as the official SDK takes it
+            settings, overrides = None, {"api_key": settings, **overrides}
         if settings is None:
             settings = Settings(**overrides)
         elif overrides:
@@ -264,6 +267,12 @@ class AsyncClient:
             f"the event encodes to {encoded} bytes; at most {room} fit in a request of "
             f"max_batch_bytes={self._settings.max_batch_bytes}",
         )
+
+    def _drop_anonymous(self, event_type: object) -> None:
+        """An event for the current request's user, with nobody signed in: counted, reported."""
+        detail = f"{event_type!r:.80} with nobody signed in"
+        if self._ledger.drop_at_capture("anonymous", "", queued=False, detail=detail):
+            self._runner.kick()
 
     def _refuse_invalid(self, exc: InvalidEventError) -> str:
         message_id = ev.new_message_id()

@@ -125,6 +125,7 @@ class Settings:
     app_version: str | None = _env("app_version", None)
     max_batch_size: int = attrs.field(default=_env("max_batch_size", MAX_BATCH_SIZE))
     max_batch_bytes: int = attrs.field(default=_env("max_batch_bytes", DEFAULT_MAX_BATCH_BYTES))
+    flush_at: int | None = attrs.field(default=_env("flush_at", None))
     flush_interval: float = attrs.field(
         default=_env("flush_interval", DEFAULT_FLUSH_INTERVAL), validator=_positive
     )
@@ -229,6 +230,19 @@ class Settings:
                 f"max_batch_size must be between 1 and {MAX_BATCH_SIZE}, got {value!r}"
             )
 
+    @flush_at.validator
+    def _check_flush_at(self, attribute: attrs.Attribute[Any], value: int | None) -> None:
+        if value is not None and not 1 <= value <= self.max_batch_size:
+            raise ConfigError(
+                f"flush_at must be between 1 and max_batch_size={self.max_batch_size}, "
+                f"got {value!r}"
+            )
+
+    @property
+    def batch_due_at(self) -> int:
+        """How many queued events send a batch at once: ``flush_at``, else a full batch."""
+        return self.max_batch_size if self.flush_at is None else self.flush_at
+
     @max_batch_bytes.validator
     def _check_batch_bytes(self, attribute: attrs.Attribute[Any], value: int) -> None:
         if value < 4096:
@@ -276,6 +290,7 @@ _ENV_FIELDS: dict[str, Callable[[str], Any]] = {
     "app_version": str,
     "max_batch_size": int,
     "max_batch_bytes": int,
+    "flush_at": int,
     "flush_interval": float,
     "max_queue_size": int,
     "max_queue_bytes": int,

@@ -9,6 +9,7 @@ from ._client import AsyncClient
 from ._config import Settings
 from ._errors import WhisperrError
 from ._models import FlushResult, Receipt
+from ._scope import UserTracker, current_scope
 
 _default: AsyncClient | None = None
 
@@ -126,6 +127,15 @@ async def identify_now(
         channels=channels,
         timeout=timeout,
     )
+
+
+def current() -> UserTracker:
+    """``track()``/``identify()`` for the current request's user, on the default client.
+
+    An integration (``whisperr.django``, ``whisperr.asgi``, ``whisperr.aiohttp``) or
+    :func:`whisperr.bind` sets who that is; see :class:`UserTracker`.
+    """
+    return UserTracker(get_client(), current_scope())
 
 
 async def flush(timeout: float | None = None) -> FlushResult:

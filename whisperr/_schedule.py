@@ -231,7 +231,7 @@ class Scheduler:
             return None
         if intake.identify_first() and in_flight:
             return None
-        if urgent or len(intake) >= s.max_batch_size or self._due(now):
+        if urgent or len(intake) >= s.batch_due_at or self._due(now):
             taken = intake.take(
                 max_size=s.max_batch_size,
                 max_bytes=s.max_batch_bytes,
@@ -262,7 +262,7 @@ class Scheduler:
         if len(intake) and self._timer_start is not None:
             deadlines.append(self._timer_start + self._settings.flush_interval - now)
         if len(intake):
-            intake.wake_at = self._settings.max_batch_size
+            intake.wake_at = self._settings.batch_due_at
         else:
             intake.wake_at = 1
             if len(intake):  # appended by a thread that saw the runner awake: look again

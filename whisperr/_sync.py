@@ -33,12 +33,13 @@ class Client:
     its own events.
 
     Args:
-        settings: a :class:`Settings`; keyword arguments override its fields. Fields given in
-            neither are read from ``WHISPERR_*`` environment variables, else take their defaults.
+        settings: a :class:`Settings` (or the API key, as a string); keyword arguments override
+            its fields. Fields given in neither are read from ``WHISPERR_*`` environment
+            variables, else take their defaults.
         **overrides: any :class:`Settings` field.
     """
 
-    def __init__(self, settings: Settings | None = None, **overrides: Any) -> None:
+    def __init__(self, settings: Settings | str | None = None, **overrides: Any) -> None:
         self._async = AsyncClient(settings, **overrides)
         self._runner = self._async._runner
         self._runner.own_thread_only = True
@@ -130,6 +131,9 @@ class Client:
         elif not job.done.wait_blocking(job.remaining() + REPORT_GRACE):
             job.fail(job.stopped("no answer: the client's delivery did not report in time", 0))
         return job.result()
+
+    def _drop_anonymous(self, event_type: object) -> None:
+        self._async._drop_anonymous(event_type)
 
     def flush(self, timeout: float | None = None) -> FlushResult:
         """Block until everything tracked before the call is settled, or ``timeout`` passes.
