@@ -1,4 +1,5 @@
-"""Plumbing for benchmarks/run.py: cached venvs, local server processes, worker subprocesses.
+"""Plumbing for the benchmarks: cached venvs, local server processes, worker subprocesses, and
+other versions of this SDK (a git ref extracted into a temporary directory).
 
 Standard library only, so that run.py works from any interpreter that can see this project.
 All traffic goes to 127.0.0.1; every subprocess has a timeout; servers are always stopped.
@@ -141,6 +142,82 @@ def clean_env() -> dict[str, str]:
     return env
 
 
+def version_env(root: Path | None) -> dict[str, str]:
+    """:func:`clean_env`, with ``import whisperr`` finding the version under ``root`` if given."""
+    env = clean_env()
+    if root is not None:
+        env.update(PYTHONPATH=str(root), PYTHONDONTWRITEBYTECODE="1")
+    return env
+
+
+# -- versions of this SDK --------------------------------------------------------------------
+
+
+def git(tree: Path, *args: str) -> str:
+    return subprocess.run(
+        ["git", "-C", str(tree), *args], capture_output=True, text=True, check=True, timeout=60
+    ).stdout.strip()
+
+
+def describe(tree: Path, ref: str = "HEAD", check_dirty: bool = True) -> str:
+    """The full commit of ``ref`` in ``tree``, and whether the tree differs from it (outside
+    benchmarks/, which is not what is measured)."""
+    sha = git(tree, "rev-parse", f"{ref}^{{commit}}")
+    dirty = check_dirty and git(tree, "status", "--porcelain", "--", ".", ":!benchmarks")
+    return sha + (" + uncommitted changes" if dirty else "")
+
+
+def imported_from(file: str, root: Path) -> bool:
+    return Path(file).resolve().is_relative_to(root.resolve())
+
+
+@contextlib.contextmanager
+def source_tree(spec: str) -> Iterator[tuple[Path, str]]:
+    """``(root, what)`` for a version of this SDK: ``spec`` is a directory (a work tree, used as
+    it is) or a git ref of this repository, extracted with ``git archive`` into a temporary
+    directory that is removed afterwards. ``root`` is where ``import whisperr`` finds it (its
+    ``src/`` if it has that layout); ``what`` names the commit.
+    """
+    if Path(spec).is_dir():
+        tree = Path(spec).resolve()
+        try:
+            what = f"{tree} = {describe(tree)}"
+        except (OSError, subprocess.SubprocessError):
+            what = f"{tree} (not a git work tree)"
+        yield _import_root(tree), what
+        return
+    try:
+        sha = describe(REPO, spec, check_dirty=False)
+    except subprocess.CalledProcessError as exc:
+        raise SystemExit(f"{spec!r}: not a directory nor a git ref: {exc.stderr.strip()}") from None
+    with tempfile.TemporaryDirectory(prefix="whisperr-ref-") as tmp:
+        archive = subprocess.run(
+            ["git", "-C", str(REPO), "archive", sha], capture_output=True, check=True, timeout=120
+        )
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive.stdout, check=True, timeout=120)
+        yield _import_root(Path(tmp)), f"{spec} = {sha}"
+
+
+def _import_root(tree: Path) -> Path:
+    return tree / "src" if (tree / "src" / "whisperr").is_dir() else tree
+
+
+def callgrind_count(command: Sequence[str], root: Path, timeout: float = 1200) -> int | None:
+    """The instructions callgrind counts for ``command`` (``whisperr`` from ``root``); None if
+    valgrind is missing, the command fails or the count is not reported."""
+    valgrind = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"]
+    try:
+        done = subprocess.run(
+            [*valgrind, *command],
+            capture_output=True, text=True, env=version_env(root), cwd=tempfile.gettempdir(),
+            timeout=timeout, check=False,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    collected = [line for line in done.stderr.splitlines() if "Collected" in line]
+    return int(collected[-1].split()[-1]) if collected and done.returncode == 0 else None
+
+
 # -- the local server ----------------------------------------------------------------------
 
 
@@ -152,7 +229,8 @@ class Server:
     (validating costs it about 9 us an event; the test suite covers what the SDKs send).
     """
 
-    def __init__(self, python: Path, *args: str) -> None:
+    def __init__(self, python: Path, *args: str, root: Path | None = None) -> None:
+        self._root = root  # where `import whisperr` finds the server (default: as installed)
         self._cmd = [
             *(str(python), "-m", "whisperr.server", "--quiet", "--no-validate", "--port", "0"),
             *args,
@@ -166,7 +244,7 @@ class Server:
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
-            env=clean_env(),
+            env=version_env(self._root),
             cwd=tempfile.gettempdir(),
         )
         found: list[str] = []
@@ -238,8 +316,14 @@ def closed_port() -> Iterator[str]:
 # -- workers -----------------------------------------------------------------------------------
 
 
-def run_worker(python: Path, script: str, spec: dict[str, Any], timeout: float) -> dict[str, Any]:
-    """Run one worker in a subprocess and return its RESULT, or an ``error`` record."""
+def run_worker(
+    python: Path, script: str, spec: dict[str, Any], timeout: float, root: Path | None = None
+) -> dict[str, Any]:
+    """Run one worker in a subprocess and return its RESULT, or an ``error`` record.
+
+    With ``root``, the worker's ``whisperr`` is the version there (``PYTHONPATH``); a worker
+    that reports the ``file`` it imported is checked to have imported it from there.
+    """
     cmd = [str(python), str(WORKERS / script), json.dumps(spec)]
     t0 = time.perf_counter()
     try:
@@ -248,7 +332,7 @@ def run_worker(python: Path, script: str, spec: dict[str, Any], timeout: float) 
             capture_output=True,
             text=True,
             timeout=timeout,
-            env=clean_env(),
+            env=version_env(root),
             cwd=tempfile.gettempdir(),  # so the repo's own `whisperr` can never shadow a venv's
             check=False,
         )
@@ -258,6 +342,8 @@ def run_worker(python: Path, script: str, spec: dict[str, Any], timeout: float) 
         if line.startswith("RESULT "):
             result: dict[str, Any] = json.loads(line[len("RESULT ") :])
             result["wall_s"] = time.perf_counter() - t0
+            if root is not None and not imported_from(str(result.get("file", root)), root):
+                return {"error": f"imported {result['file']}, not a file under {root}"}
             return result
     tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
     return {"error": f"exit {done.returncode}: {' | '.join(tail)}", "returned": False}
@@ -281,23 +367,10 @@ def cpu_model() -> str:
 def git_commit() -> str:
     """The repository's commit, and whether the work tree differs from it (outside benchmarks/)."""
     try:
-        head = subprocess.run(
-            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(REPO), "status", "--porcelain", "--", ".", ":!benchmarks"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=True,
-        ).stdout.strip()
+        sha, _, dirty = describe(REPO).partition(" + ")
     except (OSError, subprocess.SubprocessError):
         return "unknown commit"
-    return f"commit {head}" + (" with uncommitted changes" if dirty else "")
+    return f"commit {sha[:7]}" + (" with uncommitted changes" if dirty else "")
 
 
 def machine_line() -> str:

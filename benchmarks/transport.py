@@ -1,102 +1,191 @@
-"""CPU per request: httpx's default transport against this SDK's, side by side in one run.
+"""The HTTP transport's cost, side by side in one run: CPU per request and end-to-end events/s.
 
-    python benchmarks/transport.py [--rounds 10] [--requests 200]
+    python benchmarks/transport.py [--base REF] [--head DIR|REF] [--rounds 12] [--requests 200]
+                                   [--e2e-reps 7] [--events 100000] [--no-e2e] [--instructions]
 
-Both post the same 500-event batch bodies (about 124 kB) the way the SDK does (one
-``httpx.AsyncClient``, a prebuilt URL and headers, keep-alive) to the bundled server in its own
-process on 127.0.0.1. The rounds alternate between the two transports; each round reports the
-process CPU time per request (``time.process_time``, so the server's work is not counted), and
-the medians and their ratio are printed with the machine line. It also times making the client,
-which for httpx's transport includes loading the CA bundle.
+Three variants, each measured in fresh worker processes with ``PYTHONPATH`` at its version:
+
+- ``httpx``: the head's SDK with ``transport=httpx.AsyncHTTPTransport()``;
+- ``ours``: the head's SDK with its default transport (``--head``: this work tree by default,
+  or a git ref);
+- ``base``: the default transport of ``--base REF`` (extracted with ``git archive`` into a
+  temporary directory), only when given.
+
+**CPU per request** (``workers/bench_transport.py``): 500-event bodies (about 134 kB) posted
+through each version's own request function, ``whisperr._transport.post()``, over the pool its
+``Delivery.open()`` makes, to the bundled server in its own process on 127.0.0.1; the process
+CPU time (``time.process_time``) of ``--requests`` requests after 20 warm-up ones. **End to end**
+(``workers/bench_ours.py``, run.py's benchmark b.): events/s from the first ``track()`` of
+``--events`` events until ``aclose()`` returns, counted only when the server then holds every
+event once. Rounds alternate the variants (the order rotated every round); the medians, every
+sample and the ratios are printed with the machine line. ``--instructions`` adds callgrind's
+count of instructions per request (the difference between 250 and 50 requests, over 200).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import contextlib
+import json
+import shlex
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
-
-import httpx
-import orjson
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import Server, machine_line
+import _harness as h
 
-from whisperr._http11 import Http1Transport
-from whisperr._transport import request_headers
-
-Factory = Callable[[], httpx.AsyncClient]
-FACTORIES: dict[str, Factory] = {
-    "httpx default": lambda: httpx.AsyncClient(trust_env=False),
-    "whisperr Http1Transport": lambda: httpx.AsyncClient(
-        transport=Http1Transport(max_idle=16), trust_env=False
-    ),
+PYTHON = Path(sys.executable)
+WARMUP = 20
+INSTRUCTION_REQUESTS = (50, 250)
+E2E_BUDGET = 120.0
+# variant -> (which version, the transport the worker gives the client)
+VARIANTS = {"httpx": ("head", "httpx"), "ours": ("head", "default"), "base": ("base", "default")}
+LABELS = {
+    "httpx": "httpx: transport=httpx.AsyncHTTPTransport() (head)",
+    "ours": "ours: the default transport (head)",
+    "base": "base: the default transport (base ref)",
 }
+RATIOS = (("ours", "httpx"), ("ours", "base"), ("base", "httpx"))
 
 
-def bodies(count: int) -> list[bytes]:
-    def event(batch: int, i: int) -> dict[str, object]:
-        return {
-            "external_user_id": f"user_{i:05d}",
-            "event_type": "payment_failed",
-            "occurred_at": "2026-11-30T12:00:00.000Z",
-            "properties": {"amount_cents": 1999, "plan": "pro", "attempt": i},
-            "context": {
-                "$message_id": f"{batch:08x}-0000-4000-8000-{i:012x}",
-                "sdk_name": "bench",
-                "sdk_version": "0",
-            },
-        }
-
-    return [orjson.dumps({"events": [event(b, i) for i in range(500)]}) for b in range(count)]
+def rotated(names: list[str], turn: int) -> list[str]:
+    k = turn % len(names)
+    return names[k:] + names[:k]
 
 
-async def one_round(make: Factory, url: httpx.URL, payloads: list[bytes]) -> tuple[float, float]:
-    """CPU µs per request, and ms to make the client."""
-    started = time.perf_counter()
-    client = make()
-    made = (time.perf_counter() - started) * 1e3
-    headers = request_headers("wrk_bench")
-    async with client:
-        await client.post(url, content=payloads[0], headers=headers)  # connect outside the timing
-        cpu = time.process_time()
-        for body in payloads:
-            response = await client.post(url, content=body, headers=headers, timeout=10)
-            if response.status_code != 202:
-                raise SystemExit(f"the server answered {response.status_code}")
-        return (time.process_time() - cpu) / len(payloads) * 1e6, made
+def alternate(
+    kind: str, rounds: int, roots: dict[str, Path], measure: Callable[[str, Path], dict[str, Any]]
+) -> dict[str, list[dict[str, Any]]]:
+    """``measure(variant, root)`` for every variant whose version is in ``roots``, ``rounds``
+    times, the order rotated every round; the results that did not fail, by variant."""
+    names = [v for v in VARIANTS if VARIANTS[v][0] in roots]
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    for rnd in range(rounds):
+        h.log(f"[{kind}] round {rnd + 1}/{rounds}")
+        for name in rotated(names, rnd):
+            got = measure(name, roots[VARIANTS[name][0]])
+            if "error" in got:
+                print(f"{name} {kind} round {rnd + 1} FAILED: {got['error']}")
+            else:
+                results[name].append(got)
+    return results
 
 
-async def main(url: str, rounds: int, requests: int) -> None:
-    target = httpx.URL(url + "/v1/events/batch")
-    payloads = bodies(requests)
-    cpu: dict[str, list[float]] = {name: [] for name in FACTORIES}
-    make: dict[str, list[float]] = {name: [] for name in FACTORIES}
-    for _ in range(rounds):
-        for name, factory in FACTORIES.items():
-            per_request, made = await one_round(factory, target, payloads)
-            cpu[name].append(per_request)
-            make[name].append(made)
-    print(f"Machine: {machine_line()}")
-    print(f"{rounds} alternated rounds of {requests} requests of {len(payloads[0]):,} bytes\n")
-    print("| transport | CPU µs a request (median) | every round | making the client, ms |")
-    print("|---|---:|---|---:|")
-    for name in FACTORIES:
-        rounds_text = " ".join(f"{v:.0f}" for v in cpu[name])
-        line = f"| {name} | {statistics.median(cpu[name]):.0f} | {rounds_text} |"
-        print(f"{line} {statistics.median(make[name]):.1f} |")
-    default, ours = (statistics.median(v) for v in cpu.values())
-    print(f"\nours ÷ httpx default: {ours / default:.2f}x CPU per request")
+def field(
+    results: dict[str, list[dict[str, Any]]], key: str, scale: float = 1.0
+) -> dict[str, list[float]]:
+    return {name: [float(r[key]) * scale for r in runs] for name, runs in results.items()}
+
+
+def cpu_spec(server: h.Server, variant: str, requests: int) -> dict[str, Any]:
+    transport = VARIANTS[variant][1]
+    return {"url": server.url, "requests": requests, "warmup": WARMUP, "transport": transport}
+
+
+def cpu_round(server: h.Server, variant: str, root: Path, requests: int) -> dict[str, Any]:
+    spec = cpu_spec(server, variant, requests)
+    return h.run_worker(PYTHON, "bench_transport.py", spec, 300, root=root)
+
+
+def e2e_round(server: h.Server, variant: str, root: Path, events: int) -> dict[str, Any]:
+    spec = {"bench": "e2e", "n": events, "url": server.url, "budget": E2E_BUDGET}
+    spec["transport"] = VARIANTS[variant][1]
+    server.reset()
+    result = h.run_worker(PYTHON, "bench_ours.py", spec, E2E_BUDGET + 90, root=root)
+    counts = server.counts()
+    server.reset()
+    if "error" not in result and not (counts["stored"] == counts["unique"] == events):
+        result["error"] = f"the server holds {counts['unique']:,} of {events:,} events"
+    elif "error" not in result and "events_per_s" not in result:
+        result["error"] = "aclose() did not finish within the budget"
+    return result
+
+
+def instructions_per_request(server: h.Server, variant: str, root: Path) -> float | None:
+    low, high = INSTRUCTION_REQUESTS
+    script = str(h.WORKERS / "bench_transport.py")
+    counts = [
+        h.callgrind_count([str(PYTHON), script, json.dumps(cpu_spec(server, variant, n))], root)
+        for n in (low, high)
+    ]
+    if counts[0] is None or counts[1] is None:
+        return None
+    return (counts[1] - counts[0]) / (high - low)
+
+
+def report(
+    title: str, unit: str, samples: dict[str, list[float]], higher: bool, digits: int = 0
+) -> None:
+    better = "higher" if higher else "lower"
+    print(f"\n## {title}\n\n| variant | {unit}, median | min to max | every round |")
+    print("|---|---:|---:|---|")
+    medians: dict[str, float] = {}
+    for name, values in samples.items():
+        if not values:
+            print(f"| {LABELS[name]} | n/a | | |")
+            continue
+        medians[name] = statistics.median(values)
+        every = " ".join(f"{v:,.{digits}f}" for v in values)
+        spread = f"{min(values):,.{digits}f} to {max(values):,.{digits}f}"
+        print(f"| {LABELS[name]} | {medians[name]:,.{digits}f} | {spread} | {every} |")
+    print(f"\nratios of the medians ({better} is better):")
+    for a, b in RATIOS:
+        if a in medians and b in medians:
+            print(f"- {a} ÷ {b}: {medians[a] / medians[b]:.3f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", help="a git ref whose default transport is compared too")
+    parser.add_argument("--head", default=str(h.REPO), help="a source tree or a git ref")
+    parser.add_argument("--rounds", type=int, default=12, help="CPU rounds (default 12)")
+    parser.add_argument("--requests", type=int, default=200, help="timed requests a round")
+    parser.add_argument("--e2e-reps", type=int, default=7, help="end-to-end rounds (default 7)")
+    parser.add_argument("--events", type=int, default=100_000, help="events an e2e run")
+    parser.add_argument("--no-e2e", action="store_true", help="only the CPU per request")
+    parser.add_argument("--instructions", action="store_true", help="callgrind, per request")
+    args = parser.parse_args()
+    print(f"command: python benchmarks/transport.py {shlex.join(sys.argv[1:])}")
+    print(f"machine: {h.machine_line()}")
+    with contextlib.ExitStack() as stack:
+        roots: dict[str, Path] = {}
+        for version, spec in (("head", args.head), ("base", args.base)):
+            if spec is not None:
+                roots[version], what = stack.enter_context(h.source_tree(spec))
+                print(f"{version}: {what}")
+        # the server is the head's, in its own process, the same for every variant
+        server = stack.enter_context(h.Server(PYTHON, root=roots["head"]))
+        cpu = alternate(
+            "cpu", args.rounds, roots, lambda v, root: cpu_round(server, v, root, args.requests)
+        )
+        e2e = alternate(
+            "e2e",
+            0 if args.no_e2e else args.e2e_reps,
+            roots,
+            lambda v, root: e2e_round(server, v, root, args.events),
+        )
+        counted: dict[str, list[float]] = {}
+        for name in cpu if args.instructions else ():
+            h.log(f"[instructions] {name}")
+            count = instructions_per_request(server, name, roots[VARIANTS[name][0]])
+            counted[name] = [] if count is None else [count]
+    print(f"\nCPU: {args.rounds} rounds of {args.requests} requests after {WARMUP} warm-up ones")
+    report("CPU per request", "CPU µs a request", field(cpu, "cpu_us"), higher=False)
+    made = field(cpu, "made_ms")
+    report("Making the transport and its client", "ms", made, higher=False, digits=2)
+    if not args.no_e2e:
+        print(f"\nend to end: {args.e2e_reps} rounds of {args.events:,} events")
+        report("End-to-end throughput", "events/s", field(e2e, "events_per_s"), higher=True)
+        per_event = field(e2e, "cpu_s", 1e9 / args.events)
+        report("CPU per event, end to end (the whole worker process)", "CPU ns", per_event, False)
+    if args.instructions:
+        low, high = INSTRUCTION_REQUESTS
+        title = f"Instructions per request (callgrind: {high} requests less {low}, ÷ {high - low})"
+        report(title, "instructions", counted, higher=False)
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--requests", type=int, default=200)
-    args = parser.parse_args()
-    with Server(Path(sys.executable)) as server:
-        asyncio.run(main(server.url, args.rounds, args.requests))
+    main()

@@ -1,7 +1,10 @@
 """Worker for this repository's asyncio SDK (``whisperr.AsyncClient``), defaults except queue size.
 
 The caller runs inside an event loop with the client open and yields with
-``await asyncio.sleep(0)`` every 100 calls, as a service handling requests would.
+``await asyncio.sleep(0)`` every 100 calls, as a service handling requests would. With
+``"transport": "httpx"`` in the spec (benchmarks/transport.py) the client gets
+``transport=httpx.AsyncHTTPTransport()`` instead of its default; ``cpu_s`` is the process CPU
+time of the timed part of e2e, latency and faults.
 """
 
 from __future__ import annotations
@@ -11,20 +14,25 @@ import time
 from typing import Any
 
 import _common
+import httpx
 
 import whisperr
 from whisperr import AsyncClient
 
 
-def make(url: str, queue_size: int) -> AsyncClient:
-    return AsyncClient(api_key="wrk_bench", base_url=url, max_queue_size=queue_size)
+def make(url: str, queue_size: int, transport: str | None) -> AsyncClient:
+    chosen = httpx.AsyncHTTPTransport() if transport == "httpx" else None
+    return AsyncClient(
+        api_key="wrk_bench", base_url=url, max_queue_size=queue_size, transport=chosen
+    )
 
 
 async def main(s: dict[str, Any]) -> dict[str, Any]:
     bench, n, url, budget = s["bench"], s["n"], s["url"], s["budget"]
     out: dict[str, Any] = {"sdk": "ours", "version": whisperr.__version__, "bench": bench, "n": n}
+    out["file"] = whisperr.__file__
     users, event_type, every = _common.USERS, _common.EVENT_TYPE, _common.YIELD_EVERY
-    async with make(url, n + 10_000) as client:
+    async with make(url, n + 10_000, s.get("transport")) as client:
         track = client.track
         if bench == "track":
             cycle = _common.props_cycle()
@@ -44,7 +52,7 @@ async def main(s: dict[str, Any]) -> dict[str, Any]:
             out["returned"] = not result.timed_out
         elif bench in ("e2e", "latency", "faults"):
             deadline = time.perf_counter() + budget
-            t0 = time.perf_counter()
+            t0, cpu = time.perf_counter(), time.process_time()
             for i in range(n):
                 track(users[i % 1000], event_type, _common.fresh_props(i))
                 if i % every == 0:
@@ -55,6 +63,7 @@ async def main(s: dict[str, Any]) -> dict[str, Any]:
                 timed_out = flushed.timed_out
             result = await client.aclose(timeout=max(0.0, deadline - time.perf_counter()))
             elapsed = time.perf_counter() - t0
+            out["cpu_s"] = time.process_time() - cpu
             stats = client.stats()
             out.update(returned=not (timed_out or result.timed_out), seconds=elapsed, n_sent=n)
             out.update(delivered=stats.delivered, dropped=stats.dropped, retried=stats.retried)
