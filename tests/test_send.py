@@ -96,6 +96,7 @@ async def test_each_documented_receipt_shape_is_read(shape: Any) -> None:
         (b'{"event": "evt_1", "delivery": [], "processing": 3}', (None, None, None, None)),
     ],
 )
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
 async def test_a_receipt_is_read_leniently(
     answer: bytes, expected: tuple[Any, ...], anyio_backend: str
 ) -> None:
@@ -222,6 +223,7 @@ async def test_retries_stop_when_the_next_would_not_fit(sleeps: Sleeps) -> None:
 # -- concurrency, threads, lifecycle ----------------------------------------------------------
 
 
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
 async def test_200_concurrent_sends(server: LocalServer, anyio_backend: str) -> None:
     receipts: list[whisperr.Receipt] = []
     async with client_for(server.url) as client:
@@ -331,6 +333,7 @@ async def test_invalid_input_raises_even_when_not_strict(server: LocalServer) ->
     assert client.stats().dropped == 0  # not queued, so not a drop either
 
 
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
 async def test_identify_now(server: LocalServer, anyio_backend: str) -> None:
     async with client_for(server.url) as client:
         receipt = await client.identify_now("user_1", {"plan": "pro"}, email="a@example.com")
