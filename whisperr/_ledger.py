@@ -125,9 +125,12 @@ class Ledger:
         if kind == "dropped" and not counted:
             with self._lock:
                 self.dropped[reason] += count
-        (logger.error if kind == "auth" else logger.warning)(
-            "whisperr: %s (%s): %s", kind, reason, message
-        )
+        # An event with nobody signed in is expected on public pages: counted and reported,
+        # logged at INFO, not a warning per window.
+        level = logging.ERROR if kind == "auth" else logging.WARNING
+        if reason == "anonymous":
+            level = logging.INFO
+        logger.log(level, "whisperr: %s (%s): %s", kind, reason, message)
         if self.on_error is None:
             return
         token = in_hook.set(True)
