@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
@@ -29,6 +29,7 @@ import pytest
 import uvicorn
 from aiohttp import web
 
+import whisperr
 from whisperr.server import Fault, LocalServer, create_app
 
 from .conftest import API_KEY
@@ -185,40 +186,129 @@ def test_fastapi_sync_route_delivers_while_running(
 # -- aiohttp ---------------------------------------------------------------------------------
 
 
+@contextlib.asynccontextmanager
+async def aiohttp_serving(app: web.Application) -> AsyncIterator[str]:
+    """Serve an aiohttp app with its runner on a free 127.0.0.1 port; yield its URL.
+
+    On exit the runner stops and cleans up (cleanup_ctx, on_cleanup) before this returns.
+    """
+    runner = web.AppRunner(app)
+    await runner.setup()  # runs the startup and the cleanup_ctx up to their yield
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        yield f"http://{host}:{port}"
+    finally:
+        with anyio.fail_after(30):
+            await runner.cleanup()
+
+
 @pytest.mark.anyio
 async def test_aiohttp_app(server: LocalServer) -> None:
     """100 concurrent requests through aiohttp's runner; cleanup delivers them all once."""
     module = load_example("aiohttp_app")
     app = module.create_app()
     sent: dict[str, Signal] = {}
-    runner = web.AppRunner(app)
-    await runner.setup()  # runs the cleanup_ctx up to its yield: the client is open
-    try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        host, port = runner.addresses[0][:2]
 
-        async def call(http: httpx.AsyncClient, i: int) -> None:
-            user, feature = f"user_{i % 5}", f"feature_{i}"
-            response = await http.post(f"/users/{user}/feature-used", json={"feature": feature})
-            assert response.status_code == 202, response.text
-            sent[response.json()["message_id"]] = (user, "feature_used", {"feature": feature})
+    async def call(http: httpx.AsyncClient, i: int) -> None:
+        user, feature = f"user_{i % 5}", f"feature_{i}"
+        response = await http.post(f"/users/{user}/feature-used", json={"feature": feature})
+        assert response.status_code == 202, response.text
+        sent[response.json()["message_id"]] = (user, "feature_used", {"feature": feature})
 
+    # Leaving aiohttp_serving runs the rest of the cleanup_ctx: the client closes and delivers.
+    async with aiohttp_serving(app) as url:
         with anyio.fail_after(30):
             async with (
-                httpx.AsyncClient(base_url=f"http://{host}:{port}", trust_env=False) as http,
+                httpx.AsyncClient(base_url=url, trust_env=False) as http,
                 anyio.create_task_group() as tg,
             ):
                 for i in range(100):
                     tg.start_soon(call, http, i)
-    finally:
-        with anyio.fail_after(30):
-            await runner.cleanup()  # the rest of the cleanup_ctx: the client closes and delivers
 
     assert len(sent) == 100
     assert stored_once(server) == sent
     stats = app[module.WHISPERR].stats()
     assert (stats.tracked, stats.delivered, stats.dropped, stats.queued) == (100, 100, 0, 0)
+
+
+# -- the current request's user: whisperr.asgi, whisperr.aiohttp -----------------------------
+
+
+def test_fastapi_current_user(server: LocalServer) -> None:
+    """Events tracked with no user id passed, each stored once for the signed-in user of its
+    request, the background task's too; a visitor's is counted; shutdown delivered them all."""
+    module = load_example("fastapi_current_user")
+    app = module.create_app()
+    tokens = sorted(module.TOKENS)
+
+    def call(http: httpx.Client, i: int) -> tuple[str, Signal]:
+        token, body = tokens[i % len(tokens)], {"format": f"format_{i}"}
+        response = http.post("/exports", json=body, headers={"authorization": f"Bearer {token}"})
+        assert response.status_code == 202, response.text
+        return response.json()["message_id"], (module.TOKENS[token], "export_requested", body)
+
+    with (
+        uvicorn_serving(app) as url,
+        httpx.Client(base_url=url, trust_env=False, timeout=10) as http,
+        ThreadPoolExecutor(8) as pool,
+    ):
+        sent = dict(pool.map(lambda i: call(http, i), range(40)))
+        assert http.post("/exports", json={}).status_code == 401
+        assert http.get("/pricing").json() == {"message_id": None}  # nobody signed in
+        viewed = http.get("/pricing", headers={"authorization": "Bearer tok_lin"}).json()
+
+    stored = stored_once(server)
+    assert {message_id: stored[message_id] for message_id in sent} == sent
+    assert stored[viewed["message_id"]] == ("user_1203", "pricing_viewed", {})
+    ready = [(user, "export_ready", body) for user, _, body in sent.values()]
+    later = [s for s in stored.values() if s[1] == "export_ready"]
+    assert sorted(later, key=repr) == sorted(ready, key=repr)
+    assert len(stored) == 81
+    stats = app.state.whisperr.stats()
+    assert (stats.delivered, stats.queued, stats.dropped_by_reason) == (81, 0, {"anonymous": 1})
+    with pytest.raises(whisperr.WhisperrError):  # the middleware shut the module-level client down
+        whisperr.get_client()
+
+
+@pytest.mark.anyio
+async def test_aiohttp_current_user(server: LocalServer) -> None:
+    """Events tracked for the session's user, by the handler and by a task it started, each
+    stored once for it; a visitor's is counted; the cleanup delivered them all."""
+    module = load_example("aiohttp_current_user")
+    app = module.create_app()
+    sessions = sorted(module.SESSIONS)
+    sent: dict[str, Signal] = {}
+
+    async def call(http: httpx.AsyncClient, i: int) -> None:
+        session, feature = sessions[i % len(sessions)], f"feature_{i}"
+        response = await http.post(f"/features/{feature}", headers={"cookie": f"session={session}"})
+        assert response.status_code == 202, response.text
+        user = module.SESSIONS[session]
+        sent[response.json()["message_id"]] = (user, "feature_used", {"feature": feature})
+
+    async with aiohttp_serving(app) as url:
+        with anyio.fail_after(30):
+            async with (
+                httpx.AsyncClient(base_url=url, trust_env=False) as http,
+                anyio.create_task_group() as tg,
+            ):
+                for i in range(40):
+                    tg.start_soon(call, http, i)
+                visitor = await http.post("/features/export")  # no session: nobody signed in
+    assert visitor.json() == {"message_id": None}
+
+    stored = stored_once(server)
+    assert {message_id: stored[message_id] for message_id in sent} == sent
+    refreshed = [(user, "usage_refreshed", body) for user, _, body in sent.values()]
+    later = [s for s in stored.values() if s[1] == "usage_refreshed"]
+    assert sorted(later, key=repr) == sorted(refreshed, key=repr)
+    assert len(stored) == 80
+    stats = app[module.WHISPERR].stats()
+    assert (stats.delivered, stats.queued, stats.dropped_by_reason) == (80, 0, {"anonymous": 2})
+    with pytest.raises(whisperr.WhisperrError):  # setup() shut the module-level client down
+        whisperr.get_client()
 
 
 # -- scripts ---------------------------------------------------------------------------------

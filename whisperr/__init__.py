@@ -23,7 +23,7 @@ from ._default import (
 from ._errors import ClientClosedError, ConfigError, InvalidEventError, SendError, WhisperrError
 from ._exit import exit_on_sigterm
 from ._models import DeliveryReport, FlushResult, Receipt, Stats
-from ._scope import RequestScope, UserTracker, bind, bind_user
+from ._scope import RequestScope, UserTracker, bind, bind_user, current_scope
 from ._sync import Client, flush_after
 from ._version import __version__
 from .billing import BillingEvent
@@ -49,6 +49,7 @@ __all__ = [
     "bind",
     "bind_user",
     "current",
+    "current_scope",
     "exit_on_sigterm",
     "flush",
     "flush_after",

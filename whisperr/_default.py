@@ -10,6 +10,7 @@ from ._config import Settings
 from ._errors import WhisperrError
 from ._models import FlushResult, Receipt
 from ._scope import UserTracker, current_scope
+from ._sync import Client
 
 _default: AsyncClient | None = None
 
@@ -129,13 +130,14 @@ async def identify_now(
     )
 
 
-def current() -> UserTracker:
-    """``track()``/``identify()`` for the current request's user, on the default client.
+def current(client: AsyncClient | Client | None = None) -> UserTracker:
+    """``track()``/``identify()`` for the current request's user, on ``client`` (default: the
+    module-level client).
 
     An integration (``whisperr.django``, ``whisperr.asgi``, ``whisperr.aiohttp``) or
     :func:`whisperr.bind` sets who that is; see :class:`UserTracker`.
     """
-    return UserTracker(get_client(), current_scope())
+    return UserTracker(get_client() if client is None else client, current_scope())
 
 
 async def flush(timeout: float | None = None) -> FlushResult:
