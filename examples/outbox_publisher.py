@@ -14,6 +14,7 @@ The first run with a new database file fills it with three sample rows.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sqlite3
 import sys
@@ -82,13 +83,12 @@ async def publish(db: sqlite3.Connection, client: whisperr.AsyncClient) -> tuple
 
 
 async def main(path: str) -> int:
-    db = sqlite3.connect(path)
-    db.execute(SCHEMA)
-    if db.execute("select count(*) from outbox").fetchone()[0] == 0:
-        fill_samples(db)
-    async with whisperr.AsyncClient() as client:  # WHISPERR_* from the environment
-        published, failed = await publish(db, client)
-    db.close()
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute(SCHEMA)
+        if db.execute("select count(*) from outbox").fetchone()[0] == 0:
+            fill_samples(db)
+        async with whisperr.AsyncClient() as client:  # WHISPERR_* from the environment
+            published, failed = await publish(db, client)
     print(f"published={published} failed={failed}")
     return 0 if failed == 0 else 1
 

@@ -340,7 +340,7 @@ def test_outbox_publisher(server: LocalServer, tmp_path: Path) -> None:
     assert "ob-0001: published (status 202, attempts 2)" in out
     stored = {e["context"]["$message_id"]: e for e in server.app.events}
     assert set(stored) == server.app.sent_ids() == {"ob-0001", "ob-0002", "ob-0003"}
-    with sqlite3.connect(database) as db:
+    with contextlib.closing(sqlite3.connect(database)) as db:  # `with db` alone does not close
         rows = dict(db.execute("select id, created_at from outbox").fetchall())
         states = {state for (state,) in db.execute("select state from outbox")}
     assert states == {"published"}
