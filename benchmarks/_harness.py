@@ -21,7 +21,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -224,15 +224,19 @@ def callgrind_count(command: Sequence[str], root: Path, timeout: float = 1200) -
 class Server:
     """``python -m whisperr.server`` in its own process on 127.0.0.1 (a free port, real sockets).
 
-    It runs with ``--no-validate``: it deduplicates and counts events by ``$message_id``
-    without checking their fields, so that what is measured is the SDKs, not the server
-    (validating costs it about 9 us an event; the test suite covers what the SDKs send).
+    By default it runs with ``--no-validate``: it deduplicates and counts batched events by
+    ``$message_id`` without checking their fields, so that what is measured is the SDKs, not
+    the server (validating costs it about 9 us an event; the test suite covers what the SDKs
+    send). ``validate=True`` checks every event as the real API would.
     """
 
-    def __init__(self, python: Path, *args: str, root: Path | None = None) -> None:
+    def __init__(
+        self, python: Path, *args: str, root: Path | None = None, validate: bool = False
+    ) -> None:
         self._root = root  # where `import whisperr` finds the server (default: as installed)
         self._cmd = [
-            *(str(python), "-m", "whisperr.server", "--quiet", "--no-validate", "--port", "0"),
+            *(str(python), "-m", "whisperr.server", "--quiet", "--port", "0"),
+            *(() if validate else ("--no-validate",)),
             *args,
         ]
         self._proc: subprocess.Popen[str] | None = None
@@ -347,6 +351,69 @@ def run_worker(
             return result
     tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
     return {"error": f"exit {done.returncode}: {' | '.join(tail)}", "returned": False}
+
+
+# -- alternating rounds --------------------------------------------------------------------
+
+
+def rotated(names: Sequence[str], turn: int) -> list[str]:
+    """``names`` rotated by ``turn``, so that no variant always runs first on a warm box."""
+    k = turn % len(names)
+    return [*names[k:], *names[:k]]
+
+
+def alternate(
+    kind: str, rounds: int, names: Sequence[str], measure: Callable[[str], dict[str, Any]]
+) -> dict[str, list[dict[str, Any]]]:
+    """``measure(name)`` for every name, ``rounds`` times, the order rotated every round; the
+    results without an ``error``, by name (a failed one is printed and left out)."""
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    for rnd in range(rounds):
+        log(f"[{kind}] round {rnd + 1}/{rounds}")
+        for name in rotated(names, rnd):
+            got = measure(name)
+            if "error" in got:
+                print(f"{name} {kind} round {rnd + 1} FAILED: {got['error']}")
+            else:
+                results[name].append(got)
+    return results
+
+
+def samples(
+    results: Mapping[str, list[dict[str, Any]]], key: str, scale: float = 1.0
+) -> dict[str, list[float]]:
+    """Each variant's ``key`` over its rounds (times ``scale``)."""
+    return {name: [float(r[key]) * scale for r in runs] for name, runs in results.items()}
+
+
+def report(
+    title: str,
+    unit: str,
+    values: Mapping[str, list[float]],
+    labels: Mapping[str, str],
+    ratios: Sequence[tuple[str, str]],
+    higher: bool,
+    digits: int = 0,
+) -> dict[str, float]:
+    """Print a markdown table of each variant's median, spread and rounds, then the ratios of
+    the medians for the ``(a, b)`` pairs in ``ratios``; return the medians."""
+    better = "higher" if higher else "lower"
+    print(f"\n## {title}\n\n| variant | {unit}, median | min to max | every round |")
+    print("|---|---:|---:|---|")
+    medians: dict[str, float] = {}
+    for name, got in values.items():
+        if not got:
+            print(f"| {labels[name]} | n/a | | |")
+            continue
+        medians[name] = statistics.median(got)
+        every = " ".join(f"{v:,.{digits}f}" for v in got)
+        spread = f"{min(got):,.{digits}f} to {max(got):,.{digits}f}"
+        print(f"| {labels[name]} | {medians[name]:,.{digits}f} | {spread} | {every} |")
+    print(f"\nratios of the medians ({better} is better):")
+    for a, b in ratios:
+        if a in medians and b in medians:
+            print(f"- {a} ÷ {b}: {medians[a] / medians[b]:.3f}x")
+    return medians
 
 
 # -- reporting helpers -----------------------------------------------------------------------

@@ -28,9 +28,7 @@ import argparse
 import contextlib
 import json
 import shlex
-import statistics
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,35 +47,6 @@ LABELS = {
     "base": "base: the default transport (base ref)",
 }
 RATIOS = (("ours", "httpx"), ("ours", "base"), ("base", "httpx"))
-
-
-def rotated(names: list[str], turn: int) -> list[str]:
-    k = turn % len(names)
-    return names[k:] + names[:k]
-
-
-def alternate(
-    kind: str, rounds: int, roots: dict[str, Path], measure: Callable[[str, Path], dict[str, Any]]
-) -> dict[str, list[dict[str, Any]]]:
-    """``measure(variant, root)`` for every variant whose version is in ``roots``, ``rounds``
-    times, the order rotated every round; the results that did not fail, by variant."""
-    names = [v for v in VARIANTS if VARIANTS[v][0] in roots]
-    results: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
-    for rnd in range(rounds):
-        h.log(f"[{kind}] round {rnd + 1}/{rounds}")
-        for name in rotated(names, rnd):
-            got = measure(name, roots[VARIANTS[name][0]])
-            if "error" in got:
-                print(f"{name} {kind} round {rnd + 1} FAILED: {got['error']}")
-            else:
-                results[name].append(got)
-    return results
-
-
-def field(
-    results: dict[str, list[dict[str, Any]]], key: str, scale: float = 1.0
-) -> dict[str, list[float]]:
-    return {name: [float(r[key]) * scale for r in runs] for name, runs in results.items()}
 
 
 def cpu_spec(server: h.Server, variant: str, requests: int) -> dict[str, Any]:
@@ -117,24 +86,9 @@ def instructions_per_request(server: h.Server, variant: str, root: Path) -> floa
 
 
 def report(
-    title: str, unit: str, samples: dict[str, list[float]], higher: bool, digits: int = 0
+    title: str, unit: str, values: dict[str, list[float]], higher: bool, digits: int = 0
 ) -> None:
-    better = "higher" if higher else "lower"
-    print(f"\n## {title}\n\n| variant | {unit}, median | min to max | every round |")
-    print("|---|---:|---:|---|")
-    medians: dict[str, float] = {}
-    for name, values in samples.items():
-        if not values:
-            print(f"| {LABELS[name]} | n/a | | |")
-            continue
-        medians[name] = statistics.median(values)
-        every = " ".join(f"{v:,.{digits}f}" for v in values)
-        spread = f"{min(values):,.{digits}f} to {max(values):,.{digits}f}"
-        print(f"| {LABELS[name]} | {medians[name]:,.{digits}f} | {spread} | {every} |")
-    print(f"\nratios of the medians ({better} is better):")
-    for a, b in RATIOS:
-        if a in medians and b in medians:
-            print(f"- {a} ÷ {b}: {medians[a] / medians[b]:.3f}x")
+    h.report(title, unit, values, LABELS, RATIOS, higher, digits)
 
 
 def main() -> None:
@@ -152,34 +106,39 @@ def main() -> None:
     print(f"machine: {h.machine_line()}")
     with contextlib.ExitStack() as stack:
         roots: dict[str, Path] = {}
+
+        def root_of(variant: str) -> Path:
+            return roots[VARIANTS[variant][0]]
+
         for version, spec in (("head", args.head), ("base", args.base)):
             if spec is not None:
                 roots[version], what = stack.enter_context(h.source_tree(spec))
                 print(f"{version}: {what}")
         # the server is the head's, in its own process, the same for every variant
         server = stack.enter_context(h.Server(PYTHON, root=roots["head"]))
-        cpu = alternate(
-            "cpu", args.rounds, roots, lambda v, root: cpu_round(server, v, root, args.requests)
+        names = [v for v in VARIANTS if VARIANTS[v][0] in roots]
+        cpu = h.alternate(
+            "cpu", args.rounds, names, lambda v: cpu_round(server, v, root_of(v), args.requests)
         )
-        e2e = alternate(
+        e2e = h.alternate(
             "e2e",
             0 if args.no_e2e else args.e2e_reps,
-            roots,
-            lambda v, root: e2e_round(server, v, root, args.events),
+            names,
+            lambda v: e2e_round(server, v, root_of(v), args.events),
         )
         counted: dict[str, list[float]] = {}
         for name in cpu if args.instructions else ():
             h.log(f"[instructions] {name}")
-            count = instructions_per_request(server, name, roots[VARIANTS[name][0]])
+            count = instructions_per_request(server, name, root_of(name))
             counted[name] = [] if count is None else [count]
     print(f"\nCPU: {args.rounds} rounds of {args.requests} requests after {WARMUP} warm-up ones")
-    report("CPU per request", "CPU µs a request", field(cpu, "cpu_us"), higher=False)
-    made = field(cpu, "made_ms")
+    report("CPU per request", "CPU µs a request", h.samples(cpu, "cpu_us"), higher=False)
+    made = h.samples(cpu, "made_ms")
     report("Making the transport and its client", "ms", made, higher=False, digits=2)
     if not args.no_e2e:
         print(f"\nend to end: {args.e2e_reps} rounds of {args.events:,} events")
-        report("End-to-end throughput", "events/s", field(e2e, "events_per_s"), higher=True)
-        per_event = field(e2e, "cpu_s", 1e9 / args.events)
+        report("End-to-end throughput", "events/s", h.samples(e2e, "events_per_s"), higher=True)
+        per_event = h.samples(e2e, "cpu_s", 1e9 / args.events)
         report("CPU per event, end to end (the whole worker process)", "CPU ns", per_event, False)
     if args.instructions:
         low, high = INSTRUCTION_REQUESTS
