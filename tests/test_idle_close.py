@@ -267,7 +267,9 @@ async def test_uvicorn_closing_idle_connections_after_1s(tmp_path: Path, sleeps:
         reused = await assert_each_event_stored_once_without_retry(server, run, sleeps)
     # the scenario happened: a trickle below the timeout kept its connection, and past it the
     # server had closed it
-    assert reuses(waits, reused, lambda wait: wait <= 1.0 - REUSE_MARGIN) == [True] * 2
+    # A short idle reuses the connection (one of two is enough: a stalled machine may idle
+    # longer than it waited); a long one never does, whatever the load (idle >= wait).
+    assert any(reuses(waits, reused, lambda wait: wait <= 1.0 - REUSE_MARGIN))
     assert reuses(waits, reused, lambda wait: wait >= 1.0 + 0.15) == [False] * 2
 
 
@@ -284,7 +286,7 @@ async def test_the_client_retires_idle_connections_before_gunicorns_2s_keep_aliv
     with running("gunicorn", tmp_path) as server:
         run = await trickle(server.url, waits, sleeps)
         reused = await assert_each_event_stored_once_without_retry(server, run, sleeps)
-    assert reuses(waits, reused, lambda wait: wait <= IDLE_EXPIRY - REUSE_MARGIN) == [True]
+    assert any(reuses(waits, reused, lambda wait: wait <= IDLE_EXPIRY - REUSE_MARGIN))
     assert reuses(waits, reused, lambda wait: wait >= IDLE_EXPIRY) == [False] * 7
 
 
@@ -301,7 +303,8 @@ async def test_a_keep_alive_timeout_answer_halves_how_long_a_connection_is_kept(
     with running("uvicorn", tmp_path, keep_alive_header="timeout=1") as server:
         run = await trickle(server.url, waits, sleeps)
         reused = await assert_each_event_stored_once_without_retry(server, run, sleeps)
-    assert reused == [True, *[False] * 6, True]
+    assert reused[1:-1] == [False] * 6  # strict: each idled at least its wait, over 0.5 s
+    assert reused[0] or reused[-1]  # a short idle (0.2 s, 0.1 s) keeps it
 
 
 # -- the race made deterministic: a scripted server hangs up on a reused connection -------------
