@@ -265,7 +265,7 @@ def test_sends_from_8_threads_through_the_sync_client(server: LocalServer) -> No
 
 async def test_flush_does_not_wait_for_sends_and_aclose_does(server: LocalServer) -> None:
     """A send never moves the flush barrier; aclose lets it land within its own timeout."""
-    server.app.faults.script([Fault.delay(0.5)])
+    server.app.faults.script([Fault.delay(2.0)])  # long enough to outlast the flush below
     http, started = started_hook()
     async with http, client_for(server.url, http_client=http) as client:
         client.track("user_1", "queued_one")
