@@ -118,6 +118,8 @@ class Http1Transport(httpx.AsyncBaseTransport):
                 await connection.aclose()
         if connection.reusable and not self._closed:
             await self._keep(origin, connection)
+        elif connection.reusable:  # the transport closed meanwhile: nothing will reuse it
+            await connection.aclose()
         status, headers, content = answer
         return httpx.Response(
             status,

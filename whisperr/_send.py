@@ -50,8 +50,9 @@ class SendJob:
         return self.deadline - time.monotonic()
 
     def succeed(self, outcome: Outcome, attempts: int) -> None:
-        self.receipt = receipt(self.message_id, outcome, attempts)
-        self.done.set()
+        if not self.done.is_set():  # else its caller was told already (failed, or no answer)
+            self.receipt = receipt(self.message_id, outcome, attempts)
+            self.done.set()
 
     def fail(self, error: SendError) -> None:
         if not self.done.is_set():

@@ -136,7 +136,8 @@ async def post(
     This is the one boundary between the client and any transport: every failure to get a
     whole answer becomes a retry outcome, never an exception (no traceback, which would carry
     the request's headers in its frames, is logged). The answer is read within
-    :data:`MAX_ANSWER_BYTES`, on the wire and again decoded.
+    :data:`MAX_ANSWER_BYTES`, on the wire and again decoded; a body over the bound or that does
+    not decode is left out, and the status alone classifies the answer.
     """
     try:
         with anyio.fail_after(timeout):
@@ -171,14 +172,19 @@ async def post(
 
 
 async def _read(response: httpx.Response) -> bytes:
+    """The answer's body, within the bound, decoded; b"" when it does not decode (its status
+    still says what became of the request)."""
     raw = bytearray()
     chunks = cast("AsyncGenerator[bytes, None]", response.aiter_raw())  # a generator, in fact
     async with contextlib.aclosing(chunks):  # closed when cut short
         async for chunk in chunks:
             raw += chunk
             if len(raw) > MAX_ANSWER_BYTES:
-                raise httpx.DecodingError(_TOO_LARGE)
-    return decode(bytes(raw), response.headers.get_list("content-encoding", split_commas=True))
+                return b""  # cut at the bound (the rest is never read)
+    try:
+        return decode(bytes(raw), response.headers.get_list("content-encoding", split_commas=True))
+    except httpx.DecodingError:
+        return b""
 
 
 def decode(content: bytes, encodings: list[str]) -> bytes:
@@ -203,4 +209,6 @@ def decode(content: bytes, encodings: list[str]) -> bytes:
             raise httpx.DecodingError(f"corrupt {encoding} answer: {exc}") from None
         if len(content) > MAX_ANSWER_BYTES:
             raise httpx.DecodingError(f"{_TOO_LARGE}, decoded")
+        if not inflate.eof:
+            raise httpx.DecodingError(f"truncated {encoding} answer")
     return content
