@@ -379,6 +379,49 @@ async def test_an_async_hook_may_send_and_a_blocking_send_on_the_delivery_thread
     await anyio.to_thread.run_sync(sync.close, 5)
     assert len(failures) == 1
     assert "delivery thread" in str(failures[0])
+    # Refused before it was handed over: not sent behind its caller's back, counted failed.
+    assert [e["event_type"] for e in server.app.events] == ["delivery_dropped"]  # the async one
+    assert (sync.stats().sent, sync.stats().send_failed) == (0, 1)
+
+
+async def test_an_async_hook_sends_from_the_final_reports_of_a_close(server: LocalServer) -> None:
+    """aclose() runs out of time with a batch in flight: its "shutdown" report reaches an async
+    hook, whose alert (a send) still lands within the hooks' final budget."""
+    server.app.faults.script([Fault.delay(3.0)])
+    sent: list[whisperr.Receipt] = []
+
+    async def hook(report: whisperr.DeliveryReport) -> None:
+        if report.type == "dropped":
+            sent.append(await client.send("ops", "events_lost", {"count": report.count}))
+
+    client = client_for(server.url, on_error=hook)
+    client.track("user_1", "payment_failed")
+    closed = await client.aclose(timeout=1)
+    assert closed.timed_out
+    assert [r.status for r in sent] == [202]
+    assert server.app.sent_ids() == {sent[0].message_id}
+    assert (client.stats().sent, client.stats().send_failed) == (1, 0)
+
+
+def test_a_send_from_another_thread_starts_while_an_identify_is_delivered(
+    server: LocalServer,
+) -> None:
+    """An identify goes alone and is awaited by the serve loop; a send handed in from another
+    thread meanwhile starts at once, not after it (here the identify hangs)."""
+    with whisperr.Client(api_key=API_KEY, base_url=server.url, flush_interval=0.01) as client:
+        client.send("user_0", "warm_up")
+        server.app.faults.script([Fault.hang()])
+        client.identify("user_1", {"plan": "pro"})
+        deadline = time.monotonic() + 10
+        while not any(r.fault == Fault.hang() for r in server.app.requests):  # bounded poll
+            assert time.monotonic() < deadline, "the identify never reached the server"
+            time.sleep(0.01)
+        started = time.monotonic()
+        receipt = client.send("user_1", "sent_meanwhile", timeout=5)
+        elapsed = time.monotonic() - started
+        client.close(timeout=0.5)
+    assert receipt.status == 202
+    assert elapsed < 2.0  # one round trip; without the fix it waited the whole 5 s and failed
 
 
 def test_the_capture_kit_asserts_sends() -> None:

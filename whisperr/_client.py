@@ -368,11 +368,19 @@ class AsyncClient:
         return item
 
     def _submit(
-        self, body: bytes, message_id: str, *, identify: bool, timeout: float | None
+        self,
+        body: bytes,
+        message_id: str,
+        *,
+        identify: bool,
+        timeout: float | None,
+        blocking: bool = False,
     ) -> SendJob:
         """Hand a send to the runner (a disabled client: a job done at once, not sent).
 
-        While the client closes, a send (from an ``on_error`` hook, say) is still taken."""
+        While the client closes, a send (from an ``on_error`` hook, say) is still taken. A
+        ``blocking`` one on the runner's own thread could never be waited for: it fails at once,
+        never sent."""
         if self._runner.state is RunnerState.CLOSED:
             raise ClientClosedError("this whisperr client is closed")
         if timeout is None:
@@ -380,6 +388,9 @@ class AsyncClient:
         elif not timeout > 0:
             raise ValueError(f"timeout must be > 0, got {timeout!r}")
         job = SendJob.make(body, message_id, identify=identify, timeout=timeout)
+        if blocking and self._runner.on_host_thread():
+            self._ledger.settle_send(False)
+            raise job.stopped("a blocking send cannot wait on the client's delivery thread", 0)
         if self._settings.disabled:
             job.receipt = not_sent(message_id)
             job.done.set()

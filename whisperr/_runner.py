@@ -82,6 +82,9 @@ class Host:
     # Starts the sends handed in, as tasks of the serve loop's group while it is open; only
     # from a task of the host's loop.
     start_sends: Callable[[], None] | None = None
+    serving: bool = False  # the serve loop runs
+    # Set while a task starts sends as they come (from the stay's first send on).
+    sends_wakeup: anyio.Event | None = None
 
     def ended(self) -> bool:
         return self.loop is not None and self.loop.is_closed()
@@ -90,6 +93,14 @@ class Host:
         """Wake the serve loop; only from the host's own thread."""
         if self.wakeup is not None:
             self.wakeup.set()
+
+    def wake_sends(self) -> None:
+        """Wake the task that starts sends, or else the serve loop; only from the host's
+        own thread."""
+        if self.sends_wakeup is not None:
+            self.sends_wakeup.set()
+        else:
+            self.wake()
 
     def cancel(self) -> None:
         """Cancel the serve loop; only from the host's own thread."""
@@ -179,16 +190,23 @@ class Runner:
     def submit(self, job: SendJob) -> None:
         """Hand a send to whichever host serves (started if none does); from any thread."""
         with self._lock:  # so that a stay ending now sees it, and another starts for it
-            closed = self.state is RunnerState.CLOSED
-            if closed:
+            if self.state is RunnerState.CLOSED:
                 job.fail(job.stopped("the client is closed", 0))
+                self._ledger.settle_send(False)
                 return
             self._sends.append(job)
             host = self._host
-            if host is not None and host.thread == threading.get_ident() and host.start_sends:
-                host.start_sends()  # a task of the serve loop itself (an on_error hook)
-                return
-            self.kick()
+            if host is None or host.ended():
+                self.start()
+            elif host.thread == threading.get_ident():
+                if host.start_sends is not None:
+                    host.start_sends()  # a task of the serve loop itself (an on_error hook)
+            else:
+                try:
+                    host.schedule(host.wake_sends)
+                except RuntimeError:  # that loop has ended
+                    self._forget(host)
+                    self.start()
 
     def start(self, *, own_thread: bool = False) -> None:
         """Start serving: in this thread's running loop, else on the own thread."""
@@ -303,7 +321,7 @@ class Runner:
             with anyio.CancelScope(shield=True):
                 self._scheduler.cut_off()  # cut off mid-request: kept, sent again (same ids)
                 if finalize:
-                    await self._final_reports()
+                    await self._final_reports(host, http)
                 elif ending is Ending.CUT:
                     logger.info(
                         "whisperr: the event loop ended without aclose(); "
@@ -338,6 +356,7 @@ class Runner:
             async with anyio.create_task_group() as tg:
                 self._ledger.spawn = tg.start_soon
                 host.start_sends = functools.partial(self._start_sends, tg, host, http)
+                host.serving = True
                 try:
                     while (batch := await self._next_batch(host)) is not None:
                         if batch.identify:
@@ -346,11 +365,32 @@ class Runner:
                             tg.start_soon(self._deliver, host, http, batch)
                 finally:
                     self._ledger.spawn = None
+                    host.serving = False
+                    host.wake_sends()
         finally:
             host.start_sends = None
 
+    async def _start_sends_as_they_come(self, host: Host) -> None:
+        """Start each send handed in, at once (also while an identify is delivered inline),
+        as long as the serve loop runs or sends are under way."""
+        try:
+            while True:
+                if host.start_sends is not None:
+                    host.start_sends()
+                if not (host.serving or self.sending):
+                    return
+                host.sends_wakeup = wakeup = anyio.Event()
+                if not self._sends:
+                    await wakeup.wait()
+        finally:
+            host.sends_wakeup = None
+
     def _start_sends(self, tg: anyio.abc.TaskGroup, host: Host, http: httpx.AsyncClient) -> None:
-        """Start the sends handed in, each a task of the serve loop's group."""
+        """Start the sends handed in, each a task of the serve loop's group (and, at the stay's
+        first send, the task that starts the next ones as they come)."""
+        if host.sends_wakeup is None and host.serving:
+            host.sends_wakeup = anyio.Event()
+            tg.start_soon(self._start_sends_as_they_come, host)
         while self._sends:
             job = self._sends.popleft()
             self.sending.add(job)
@@ -361,7 +401,7 @@ class Runner:
         scheduler, ledger = self._scheduler, self._ledger
         interval = self._settings.flush_interval
         while True:
-            if host.start_sends is not None:
+            if self._sends and host.start_sends is not None:
                 host.start_sends()
             now = time.monotonic()
             if ledger.capture_drops_pending and (
@@ -425,7 +465,8 @@ class Runner:
                 )
             self.sending.discard(job)
             self._ledger.settle_send(job.error is None)
-            host.wake()
+            host.wake_sends()
+            host.wake()  # the serve loop may be waiting for the client to become idle
 
     def _stop_sends(self, jobs: set[SendJob] | collections.deque[SendJob], why: str) -> None:
         for job in list(jobs):
@@ -433,14 +474,20 @@ class Runner:
             self._ledger.settle_send(False)
         jobs.clear()
 
-    async def _final_reports(self) -> None:
-        """At close: report everything left; an async hook gets a second for the reports."""
-        with anyio.move_on_after(FINAL_HOOK_BUDGET):
-            async with anyio.create_task_group() as tg:
-                self._ledger.spawn = tg.start_soon
-                self._scheduler.account_undelivered()
-                self._ledger.report_capture_drops()
-        self._ledger.spawn = None
+    async def _final_reports(self, host: Host, http: httpx.AsyncClient | None) -> None:
+        """At close: report everything left; an async hook gets a second for the reports
+        (and for a send it makes: an alert, say)."""
+        try:
+            with anyio.move_on_after(FINAL_HOOK_BUDGET):
+                async with anyio.create_task_group() as tg:
+                    self._ledger.spawn = tg.start_soon
+                    if http is not None:
+                        host.start_sends = functools.partial(self._start_sends, tg, host, http)
+                    self._scheduler.account_undelivered()
+                    self._ledger.report_capture_drops()
+        finally:
+            self._ledger.spawn = None
+            host.start_sends = None
 
     # -- flush and close -------------------------------------------------------------------
 

@@ -105,7 +105,8 @@ class Client:
             external_user_id, event_type, properties, context, occurred_at, message_id
         )
         body = ev.encode_event(item, self._async._base_tail)
-        return self._wait(self._async._submit(body, item[4], identify=False, timeout=timeout))
+        job = self._async._submit(body, item[4], identify=False, timeout=timeout, blocking=True)
+        return self._wait(job)
 
     def identify_now(
         self,
@@ -123,12 +124,12 @@ class Client:
         :meth:`AsyncClient.identify_now`."""
         shortcuts = (("email", email), ("sms", phone), ("push", push_token))
         body = ev.encode_identify(external_user_id, traits, preferred_channel, channels, shortcuts)
-        return self._wait(self._async._submit(body, "", identify=True, timeout=timeout))
+        return self._wait(
+            self._async._submit(body, "", identify=True, timeout=timeout, blocking=True)
+        )
 
     def _wait(self, job: SendJob) -> Receipt:
-        if not job.done.is_set() and self._runner.on_host_thread():
-            job.fail(job.stopped("a blocking send cannot wait on the client's delivery thread", 0))
-        elif not job.done.wait_blocking(job.remaining() + REPORT_GRACE):
+        if not job.done.wait_blocking(job.remaining() + REPORT_GRACE):
             job.fail(job.stopped("no answer: the client's delivery did not report in time", 0))
         return job.result()
 
