@@ -409,3 +409,34 @@ def test_setup_refuses_what_is_not_a_client() -> None:
     with pytest.raises(ValueError, match="must not be negative"):
         whisperr.celery.setup(app, flush_timeout=-1)
     app.close()
+
+
+def test_each_task_runs_in_a_scope_of_its_own() -> None:
+    """A bind_user() in one task never carries over to the next task of the same process.
+
+    Celery's own signals, sent as a worker sends them around each task (no worker needed)."""
+    from celery import signals
+
+    import whisperr
+    import whisperr.celery
+
+    app = Celery("scoped", set_as_current=False)
+
+    @app.task
+    def job() -> None: ...
+
+    whisperr.celery.setup(app, whisperr.Client(disabled=True))
+    assert whisperr.current_scope() is None
+
+    def around(task_id: str, body: Callable[[], None]) -> None:
+        signals.task_prerun.send(sender=job, task_id=task_id, task=job, args=(), kwargs={})
+        body()
+        signals.task_postrun.send(
+            sender=job, task_id=task_id, task=job, args=(), kwargs={}, retval=None, state="OK"
+        )
+
+    around("a", lambda: whisperr.bind_user("alice"))
+    seen: list[object] = []
+    around("b", lambda: seen.append(whisperr.current_scope()))
+    assert seen == [whisperr.RequestScope()]  # its own, nobody signed in: not alice
+    assert whisperr.current_scope() is None  # and nothing left bound after the tasks

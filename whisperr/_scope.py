@@ -53,7 +53,9 @@ def bind_user(user_id: str | None) -> RequestScope:
     """Set the current request's user (an auth step that runs after the middleware).
 
     Inside a bound scope it changes that scope, for the whole request; outside one it binds a
-    new scope for the rest of the current context.
+    new scope for the rest of the current context, which a thread reused for later work (a
+    WSGI worker thread without the middleware, a job loop) keeps: bind a scope around each
+    unit of work there (:func:`bind`; the integrations do).
     """
     scope = _current.get()
     if scope is None:

@@ -16,15 +16,19 @@ Importing ``whisperr`` never imports Celery; this module does, when it is import
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Any
 
 from celery import Celery, signals
 
+from . import _scope
 from ._client import AsyncClient
 from ._compat import Whisperr
 from ._default import get_client
 from ._errors import WhisperrError
 from ._runner import RunnerState
+from ._scope import RequestScope
 from ._sync import Client
 
 __all__ = ["setup"]
@@ -41,6 +45,8 @@ def setup(
 ) -> None:
     """Flush ``client`` after each task of ``app``, and close it when a pool process ends.
 
+    Each task also runs in a scope of its own (``whisperr.bind()``, nobody signed in): a
+    ``whisperr.bind_user()`` in one task never carries over to the next in the same process.
     Call it where the app is made (the module ``celery -A`` imports). A second call for the
     same app replaces the first. A task run eagerly (``apply()``, ``task_always_eager``) runs
     in the caller's process and is not flushed after: the caller's client delivers it as usual.
@@ -65,7 +71,17 @@ def setup(
     if flush_timeout < 0 or (shutdown_timeout is not None and shutdown_timeout < 0):
         raise ValueError("whisperr.celery.setup(): timeouts must not be negative")
 
-    def flush_after_task(sender: Any = None, **_: Any) -> None:
+    scopes: dict[str, contextvars.Token[RequestScope | None]] = {}
+
+    def scope_task(sender: Any = None, task_id: str = "", **_: Any) -> None:
+        if getattr(sender, "app", None) is app and not sender.request.is_eager:
+            scopes[task_id] = _scope._current.set(RequestScope())
+
+    def flush_after_task(sender: Any = None, task_id: str = "", **_: Any) -> None:
+        token = scopes.pop(task_id, None)
+        if token is not None:
+            with contextlib.suppress(ValueError):  # set in another context: nothing to undo
+                _scope._current.reset(token)
         if getattr(sender, "app", None) is not app or sender.request.is_eager:
             return
         target = _resolve(client)
@@ -79,6 +95,7 @@ def setup(
 
     uid = f"whisperr.celery:{id(app)}"  # the receivers hold the app: its id stays unique
     for signal, receiver in (
+        (signals.task_prerun, scope_task),
         (signals.task_postrun, flush_after_task),
         (signals.worker_process_shutdown, close_at_process_end),
     ):
