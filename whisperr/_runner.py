@@ -32,6 +32,7 @@ import anyio
 # Imported now, not lazily by a delivery thread that a fork could catch halfway through it.
 import anyio._backends._asyncio
 import anyio.abc
+import anyio.lowlevel
 import attrs
 import httpx
 
@@ -380,7 +381,9 @@ class Runner:
                 if not (host.serving or self.sending):
                     return
                 host.sends_wakeup = wakeup = anyio.Event()
-                if not self._sends:
+                if self._sends:  # handed in meanwhile: start them, yet let the others run
+                    await anyio.lowlevel.checkpoint()
+                else:
                     await wakeup.wait()
         finally:
             host.sends_wakeup = None
