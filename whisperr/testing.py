@@ -126,15 +126,7 @@ class Capture:
         properties: Mapping[str, Any] | None = None,
     ) -> list[TrackedEvent]:
         """The events of that type (and user), whose properties include ``properties``."""
-        return [
-            e
-            for e in self.events
-            if e.event_type == event_type
-            and (user is None or e.user == user)
-            and all(
-                k in e.properties and e.properties[k] == v for k, v in (properties or {}).items()
-            )
-        ]
+        return [e for e in self.events if _matches(e, event_type, user, properties)]
 
     def assert_tracked(
         self,
@@ -152,13 +144,7 @@ class Capture:
         Raises:
             AssertionError: with a listing of what was received instead.
         """
-        found = self.tracked(event_type, user=user, properties=properties)
-        if found and (count is None or len(found) == count):
-            return found[-1]
-        wanted = f"{event_type!r} for user {user!r} with properties {dict(properties or {})!r}"
-        seen = "\n".join(f"  {e.user} {e.event_type} {dict(e.properties)}" for e in self.events)
-        times = "" if count is None else f" {count} time(s), found {len(found)}"
-        raise AssertionError(f"expected {wanted}{times}; received:\n{seen or '  nothing'}")
+        return self._assert_among(self.events, "received", event_type, user, properties, count)
 
     def assert_sent(
         self,
@@ -175,19 +161,45 @@ class Capture:
             AssertionError: with a listing of what was sent instead.
         """
         sent = self.app.sent_ids()
-        found = [
-            e for e in self.tracked(event_type, user=user, properties=properties)
-            if e.message_id in sent
-        ]  # fmt: skip
+        events = [e for e in self.events if e.message_id in sent]
+        return self._assert_among(events, "sent", event_type, user, properties, count)
+
+    def _assert_among(
+        self,
+        events: list[TrackedEvent],
+        heading: str,
+        event_type: str,
+        user: str | None,
+        properties: Mapping[str, Any] | None,
+        count: int | None,
+    ) -> TrackedEvent:
+        """The last of ``events`` matching (``count`` of them if given), or an AssertionError
+        listing ``events`` under ``heading``."""
+        found = [e for e in events if _matches(e, event_type, user, properties)]
         if found and (count is None or len(found) == count):
             return found[-1]
         wanted = f"{event_type!r} for user {user!r} with properties {dict(properties or {})!r}"
-        listing = [e for e in self.events if e.message_id in sent]
-        seen = "\n".join(f"  {e.user} {e.event_type} {dict(e.properties)}" for e in listing)
+        if heading == "sent":
+            wanted += " sent"
+        seen = "\n".join(f"  {e.user} {e.event_type} {dict(e.properties)}" for e in events)
         times = "" if count is None else f" {count} time(s), found {len(found)}"
-        raise AssertionError(f"expected {wanted} sent{times}; sent:\n{seen or '  nothing'}")
+        raise AssertionError(f"expected {wanted}{times}; {heading}:\n{seen or '  nothing'}")
 
     def assert_nothing_tracked(self) -> None:
         """Assert no event reached the server."""
         if self.app.events:
             raise AssertionError(f"expected no events, received {len(self.app.events)}")
+
+
+def _matches(
+    event: TrackedEvent, event_type: str, user: str | None, properties: Mapping[str, Any] | None
+) -> bool:
+    """Of that type (and user), with properties that include ``properties``."""
+    return (
+        event.event_type == event_type
+        and (user is None or event.user == user)
+        and all(
+            k in event.properties and event.properties[k] == v
+            for k, v in (properties or {}).items()
+        )
+    )
