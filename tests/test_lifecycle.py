@@ -533,6 +533,22 @@ def test_billiard_pool(server: ServerProcess, kind: str, where: str) -> None:
     assert run.wall < SHUTDOWN_TIMEOUT, str(run)
 
 
+@needs_posix_signals
+@pytest.mark.parametrize("kind", KINDS)
+def test_delivery_thread_leaves_signals_to_the_app(server: ServerProcess, kind: str) -> None:
+    """A SIGTERM the main thread blocks waits for it, with the delivery thread running.
+
+    billiard's pool children block SIGTERM while they write to the pool's result queue: a
+    handler run there leaves the queue locked and the whole pool stuck (as a CI run showed,
+    before the delivery thread blocked signals). The event is still delivered at exit.
+    """
+    run = run_script("signal_mask.py", kind, env=script_env(server.url))
+    assert run.returncode == 0, str(run)
+    assert run.probe["notes"]["handled_while_blocked"] == 0, str(run)
+    assert run.probe["notes"]["handled_after"] == 1, str(run)
+    assert_stored_once(server, {"signal-mask-0"}, run)
+
+
 # -- 6. SIGTERM, with the opt-in ----------------------------------------------------------------
 
 

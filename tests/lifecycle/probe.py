@@ -22,6 +22,7 @@ import gc
 import json
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -109,6 +110,8 @@ def rearm() -> None:
 
 
 def _watch() -> None:
+    if hasattr(signal, "pthread_sigmask"):  # the script's signals are for its own threads
+        signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
     while (remaining := _deadline - time.monotonic()) > 0:
         time.sleep(min(remaining, 0.5))
     names = {t.ident: t.name for t in threading.enumerate()}
