@@ -8,6 +8,7 @@ the :class:`Ledger` counts every fate. See the package's README for the layout.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from types import TracebackType
@@ -21,8 +22,10 @@ from . import _exit
 from ._config import Settings
 from ._delivery import Delivery
 from ._errors import ClientClosedError, InvalidEventError
+from ._hooks import Hooks
 from ._intake import ITEM_OVERHEAD, Intake
 from ._ledger import Ledger
+from ._metrics import Metrics
 from ._models import FlushResult, Receipt, Stats
 from ._runner import Runner, RunnerState
 from ._schedule import Scheduler
@@ -82,9 +85,18 @@ class AsyncClient:
             disabled=s.disabled,
         )
         self._scheduler = Scheduler(s, intake, ledger, ev.encode_base_context(base))
-        self._runner = Runner(s, intake, self._scheduler, Delivery(s, ledger), ledger)
+        delivery = Delivery(s, ledger)
+        self._runner = Runner(s, intake, self._scheduler, delivery, ledger)
         self._put = intake.put
         self._pid = os.getpid()
+        self._hooks: Hooks | None = None
+        if s.before_send is not None or s.pii is not None:
+            self._hooks = Hooks(s.before_send, s.pii, ledger, s.clock)
+            self.track = self._track_through_hooks  # type: ignore[method-assign]
+        if s.metrics_on:
+            metrics = Metrics(s.meter_provider, self.stats)
+            delivery.on_request = metrics.request
+            ledger.on_delivered = metrics.delivered
         _exit.register(self)
 
     def _wake(self) -> None:
@@ -191,6 +203,39 @@ class AsyncClient:
             self._put((external_user_id, event_type, stamp, props, mid, encoded_context), size)
         return mid
 
+    def _track_through_hooks(
+        self,
+        external_user_id: str,
+        event_type: str,
+        properties: Mapping[str, Any] | None = None,
+        context: Mapping[str, Any] | None = None,
+        *,
+        occurred_at: Any = None,
+        message_id: str | None = None,
+    ) -> str:
+        """:meth:`track` with ``before_send`` or the PII guard set: they run first."""
+        assert self._hooks is not None
+        try:
+            args, mid = self._hooks.event(
+                external_user_id, event_type, properties, context, occurred_at, message_id
+            )
+        except InvalidEventError as exc:  # the PII guard, pii="raise"
+            if self._strict:
+                raise
+            return self._refuse_invalid(exc)
+        if args is None:
+            return mid  # dropped by before_send: counted as "filtered"
+        uid, event_type, properties, context, occurred_at, message_id = args
+        return AsyncClient.track(
+            self,
+            uid,
+            event_type,
+            properties,
+            context,
+            occurred_at=occurred_at,
+            message_id=message_id,
+        )
+
     def identify(
         self,
         external_user_id: str,
@@ -213,10 +258,9 @@ class AsyncClient:
             InvalidEventError: the call breaks a rule (only with ``strict=True``).
             ClientClosedError: the client was closed.
         """
-        shortcuts = (("email", email), ("sms", phone), ("push", push_token))
         try:
-            body = ev.encode_identify(
-                external_user_id, traits, preferred_channel, channels, shortcuts
+            body = self._identify_body(
+                external_user_id, traits, email, phone, push_token, preferred_channel, channels
             )
         except InvalidEventError as exc:
             if self._strict:
@@ -224,6 +268,22 @@ class AsyncClient:
             self._refuse_invalid(exc)
             return
         self._put((external_user_id, None, self._clock(), body, ""), len(body))
+
+    def _identify_body(
+        self,
+        external_user_id: object,
+        traits: Mapping[str, Any] | None,
+        email: str | None,
+        phone: str | None,
+        push_token: str | None,
+        preferred_channel: str | None,
+        channels: Sequence[Mapping[str, Any]] | None,
+    ) -> bytes:
+        """An identify's request body, validated (traits through the PII guard, if set)."""
+        if self._hooks is not None and isinstance(traits, Mapping):
+            traits = self._hooks.guard("traits", traits)
+        shortcuts = (("email", email), ("sms", phone), ("push", push_token))
+        return ev.encode_identify(external_user_id, traits, preferred_channel, channels, shortcuts)
 
     def _share(self, stamp: float) -> float:
         # Events of one millisecond are sent with the same occurred_at: let them share one float
@@ -245,7 +305,12 @@ class AsyncClient:
         if context is not None:
             encoded, context_id = ev.encode_context(context, self._base_context)
         now = self._clock()
-        stamp = now if occurred_at is None else ev.parse_occurred_at(occurred_at, now)
+        if occurred_at is None:
+            stamp = now
+        elif type(occurred_at) is ev.CaptureStamp:  # the hooks' capture time, unchanged
+            stamp = float(occurred_at)
+        else:
+            stamp = ev.parse_occurred_at(occurred_at, now)
         if message_id is not None:
             return encoded, stamp, ev.check_message_id(message_id)
         return encoded, stamp, context_id or ev.new_message_id()
@@ -308,7 +373,8 @@ class AsyncClient:
             timeout: the most the call takes, in seconds, retries included.
 
         Returns:
-            A :class:`Receipt` (``sent=False`` when the client is ``disabled``).
+            A :class:`Receipt` (``sent=False`` when the client is ``disabled``, or when
+            ``before_send`` dropped the event).
 
         Raises:
             InvalidEventError: the event breaks a rule (also with ``strict=False``: the caller
@@ -319,6 +385,8 @@ class AsyncClient:
         item = self._capture(
             external_user_id, event_type, properties, context, occurred_at, message_id
         )
+        if isinstance(item, str):
+            return not_sent(item)
         body = ev.encode_event(item, self._base_tail)
         return await self._send(body, item[4], identify=False, timeout=timeout)
 
@@ -341,8 +409,9 @@ class AsyncClient:
         Raises:
             InvalidEventError, SendError, ClientClosedError: as for :meth:`send`.
         """
-        shortcuts = (("email", email), ("sms", phone), ("push", push_token))
-        body = ev.encode_identify(external_user_id, traits, preferred_channel, channels, shortcuts)
+        body = self._identify_body(
+            external_user_id, traits, email, phone, push_token, preferred_channel, channels
+        )
         return await self._send(body, "", identify=True, timeout=timeout)
 
     def _capture(
@@ -353,8 +422,16 @@ class AsyncClient:
         context: object,
         occurred_at: object,
         message_id: object,
-    ) -> ev.Item:
-        """One event, validated and stamped as track() makes it (the slow path, whole)."""
+    ) -> ev.Item | str:
+        """One event, validated and stamped as track() makes it (the slow path, whole); or,
+        when ``before_send`` dropped it, its message id."""
+        if self._hooks is not None:
+            args, mid = self._hooks.event(
+                external_user_id, event_type, properties, context, occurred_at, message_id
+            )
+            if args is None:
+                return mid
+            external_user_id, event_type, properties, context, occurred_at, message_id = args
         user_id = ev.check_user_id(external_user_id)
         exact_type = ev.check_event_type(event_type)
         props = b"{}" if properties is None else ev.encode_object("properties", properties)
@@ -456,9 +533,10 @@ class AsyncClient:
     # -- statistics ---------------------------------------------------------------------------
 
     def stats(self) -> Stats:
-        """A frozen snapshot of the counters, in O(1); from any thread."""
+        """A frozen snapshot of the counters; from any thread."""
         ledger, intake, scheduler = self._ledger, self._intake, self._scheduler
         dropped = dict(ledger.dropped)
+        delays = sorted(ledger.delays.copy())  # copy(): one step, as the runner appends
         return Stats(
             tracked=intake.end + ledger.refused,
             delivered=ledger.delivered,
@@ -476,6 +554,8 @@ class AsyncClient:
             sent=ledger.sent,
             send_failed=ledger.send_failed,
             sending=len(self._runner.sending),
+            delivery_delay_p50=_rank(delays, 0.50),
+            delivery_delay_p99=_rank(delays, 0.99),
         )
 
     def _counts(self) -> tuple[int, int]:
@@ -494,3 +574,10 @@ class AsyncClient:
 _dumps = orjson.dumps  # the one orjson call outside _events: inlined in track(), the hot path
 _encode_time, _USER_JSON = ev.encode_time, ev.USER_JSON
 _next_id = ev.ready_ids.pop
+
+
+def _rank(ordered: list[float], quantile: float) -> float | None:
+    """The nearest-rank ``quantile`` of ``ordered`` (sorted), or None when it is empty."""
+    if not ordered:
+        return None
+    return ordered[max(0, math.ceil(quantile * len(ordered)) - 1)]

@@ -35,6 +35,10 @@ DEFAULT_SHUTDOWN_TIMEOUT = 10.0
 DEFAULT_MAX_CONCURRENCY = 16
 
 Overflow = Literal["drop_oldest", "drop_newest"]
+Pii = Literal["raise", "drop_fields"]
+# The before_send hook: the event as a mapping with the wire's keys; it returns the event to
+# capture (the same mapping changed, or another) or None to drop it.
+BeforeSend = Callable[[dict[str, Any]], "Mapping[str, Any] | None"]
 
 
 class OnError(Protocol):
@@ -155,6 +159,10 @@ class Settings:
         default=_env("max_concurrency", DEFAULT_MAX_CONCURRENCY), validator=_positive
     )
     on_error: OnError | None = None
+    before_send: BeforeSend | None = attrs.field(default=None)
+    pii: Pii | None = attrs.field(default=_env("pii", None))
+    metrics: bool = _env("metrics", False)
+    meter_provider: Any = None
     strict: bool = _env("strict", True)
     disabled: bool = _env("disabled", False)
     allow_insecure_http: bool = _env("allow_insecure_http", False)
@@ -253,6 +261,21 @@ class Settings:
         if value not in {"drop_oldest", "drop_newest"}:
             raise ConfigError(f"overflow must be 'drop_oldest' or 'drop_newest', got {value!r}")
 
+    @before_send.validator
+    def _check_before_send(self, attribute: attrs.Attribute[Any], value: object) -> None:
+        if value is not None and not callable(value):
+            raise ConfigError(f"before_send must be a callable or None, got {value!r:.200}")
+
+    @pii.validator
+    def _check_pii(self, attribute: attrs.Attribute[Any], value: object) -> None:
+        if value not in (None, "raise", "drop_fields"):
+            raise ConfigError(f"pii must be 'raise', 'drop_fields' or None, got {value!r:.200}")
+
+    @property
+    def metrics_on(self) -> bool:
+        """Whether the client reports OpenTelemetry metrics (``metrics=True`` or a provider)."""
+        return self.metrics or self.meter_provider is not None
+
     @http_client.validator
     def _check_http(self, attribute: attrs.Attribute[Any], value: httpx.AsyncClient | None) -> None:
         if value is not None and self.transport is not None:
@@ -307,4 +330,6 @@ _ENV_FIELDS: dict[str, Callable[[str], Any]] = {
     "trust_env": _bool,
     "proxy": str,
     "verify": _verify,
+    "pii": lambda raw: raw or None,
+    "metrics": _bool,
 }

@@ -10,6 +10,7 @@ import importlib.util
 import logging
 import os
 import ssl
+import time
 import urllib.request
 from collections.abc import Callable
 
@@ -41,6 +42,8 @@ class Delivery:
         self.proxy = proxy_for(settings)
         self._ssl_context: ssl.SSLContext | None = None
         self._failing = False  # since the last answer that was not worth retrying
+        # The metrics' request histogram (endpoint, outcome kind, seconds), when metrics are on.
+        self.on_request: Callable[[str, str, float], None] | None = None
 
     def open(self) -> httpx.AsyncClient:
         """A pool for the event loop about to serve (the caller's ``http_client`` as is)."""
@@ -98,8 +101,9 @@ class Delivery:
         url = self._url_identify if batch.identify else self._url_batch
         body = batch.bodies[0] if batch.identify else ev.batch_body(batch.bodies)
         attempt = 0
+        endpoint = "identify" if batch.identify else "batch"
         while True:
-            outcome = await post(http, url, self._headers, body, s.request_timeout, s.clock)
+            outcome = await self._post(http, endpoint, url, body, s.request_timeout)
             attempted(outcome)
             self._note(outcome)
             if outcome.kind != "retry" or attempt >= s.max_retries:
@@ -136,7 +140,8 @@ class Delivery:
                 job.fail(job.stopped("the send's timeout passed before an attempt", attempts))
                 return
             timeout = min(s.request_timeout, remaining)
-            outcome = await post(http, url, self._headers, job.body, timeout, s.clock)
+            endpoint = "identify" if job.identify else "track"
+            outcome = await self._post(http, endpoint, url, job.body, timeout)
             attempts += 1
             if outcome.kind == "ok":
                 job.succeed(outcome, attempts)
@@ -152,6 +157,16 @@ class Delivery:
                 job.fail(job.error_from(outcome, attempts, why))
                 return
             await s.sleep(delay)
+
+    async def _post(
+        self, http: httpx.AsyncClient, endpoint: str, url: httpx.URL, body: bytes, timeout: float
+    ) -> Outcome:
+        if self.on_request is None:
+            return await post(http, url, self._headers, body, timeout, self._settings.clock)
+        started = time.perf_counter()
+        outcome = await post(http, url, self._headers, body, timeout, self._settings.clock)
+        self.on_request(endpoint, outcome.kind, time.perf_counter() - started)
+        return outcome
 
     def _note(self, outcome: Outcome) -> None:
         """One WARNING for the first failed attempt of a stretch, naming the cause."""

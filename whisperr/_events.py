@@ -241,6 +241,12 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=ready_ids.clear)
 
 
+class CaptureStamp(float):
+    """A capture time (epoch seconds) taken already, by the hooks: used as it is."""
+
+    __slots__ = ()
+
+
 def parse_occurred_at(value: object, now: float) -> float:
     """Turn an aware datetime or RFC 3339 string into epoch seconds inside the server's window.
 

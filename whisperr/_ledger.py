@@ -10,8 +10,9 @@ from __future__ import annotations
 import contextvars
 import inspect
 import logging
+import operator
 import threading
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -22,6 +23,9 @@ from ._events import Item
 from ._models import DeliveryReport, ReportType
 
 logger = logging.getLogger("whisperr")
+
+_stamp = operator.itemgetter(2)  # an item's occurred_at, in epoch seconds
+DELAY_WINDOW = 4096  # delivered events whose delay stats() summarises: the most recent ones
 
 # True while an on_error hook runs (and in the tasks of async hooks): flush() and aclose()
 # called from a hook start their work but do not wait for the runner that is calling the hook.
@@ -44,6 +48,9 @@ class Ledger:
     dropped: Counter[str] = attrs.field(factory=Counter)
     last_error: DeliveryReport | None = None
     spawn: Callable[..., object] | None = None
+    # Seconds from occurred_at to acknowledgement, of the last DELAY_WINDOW delivered events.
+    delays: deque[float] = attrs.field(factory=lambda: deque(maxlen=DELAY_WINDOW))
+    on_delivered: Callable[[float], None] | None = None  # metrics: each batch's oldest age
     _at_capture: list[tuple[str, str, str]] = attrs.field(factory=list)
     _lock: threading.Lock = attrs.field(factory=threading.Lock)
 
@@ -53,6 +60,7 @@ class Ledger:
         self.dropped = Counter()
         self.last_error = None
         self.spawn = None
+        self.delays = deque(maxlen=DELAY_WINDOW)
         self._at_capture = []
         self._lock = threading.Lock()
 
@@ -68,6 +76,12 @@ class Ledger:
             self.refused += not queued
             self._at_capture.append((reason, message_id, detail))
             return len(self._at_capture) == 1
+
+    def filtered(self) -> None:
+        """Count an event that ``before_send`` dropped: counted, never reported or logged."""
+        with self._lock:
+            self.dropped["filtered"] += 1
+            self.refused += 1
 
     @property
     def capture_drops_pending(self) -> bool:
@@ -85,8 +99,14 @@ class Ledger:
                 message += f"; the last: {mine[-1][1]}"
             self.report("dropped", reason, message, None, len(mine), ids, counted=True)
 
-    def deliver(self, count: int) -> None:
+    def deliver(self, count: int, items: Sequence[Item] = (), at: float = 0.0) -> None:
+        """Count ``count`` events delivered; ``items``, acknowledged at ``at``, time them."""
         self.delivered += count
+        if items:
+            stamps = list(map(_stamp, items))
+            self.delays.extend(map(at.__sub__, stamps))  # at - stamp, a C loop
+            if self.on_delivered is not None:
+                self.on_delivered(at - min(stamps))
 
     def settle_send(self, landed: bool) -> None:
         """Count a send that ended: with a receipt, or with a SendError for its caller."""

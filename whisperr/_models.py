@@ -52,6 +52,11 @@ class Stats:
 
     Sends (``send()``, ``identify_now()``) are counted apart, never in ``tracked``: ``sent``
     got a receipt, ``send_failed`` raised :class:`SendError`, ``sending`` are under way.
+
+    ``delivery_delay_p50`` and ``delivery_delay_p99`` (seconds, None before the first
+    delivery) summarise the last 4,096 delivered events: from each one's ``occurred_at`` to the
+    server's acknowledgement (an ``occurred_at`` you passed counts from that time).
+    ``dropped_by_reason["filtered"]`` counts the events ``before_send`` dropped.
     """
 
     tracked: int
@@ -68,6 +73,8 @@ class Stats:
     sent: int = 0
     send_failed: int = 0
     sending: int = 0
+    delivery_delay_p50: float | None = None
+    delivery_delay_p99: float | None = None
 
 
 @attrs.frozen

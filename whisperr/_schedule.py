@@ -299,7 +299,7 @@ class Scheduler:
             self.retain(batch)
         elif outcome.kind == "ok":
             rejected = min(outcome.rejected, count)
-            self.ledger.deliver(count - rejected)
+            self.ledger.deliver(count - rejected, batch.items, self._settings.clock())
             self._pause_level = 0
             if not batch.identify:
                 self.body_limit.delivered(batch, now)

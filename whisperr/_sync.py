@@ -13,7 +13,7 @@ from ._client import AsyncClient
 from ._config import Settings
 from ._models import FlushResult, Receipt, Stats
 from ._runner import RunnerState
-from ._send import REPORT_GRACE, SendJob
+from ._send import REPORT_GRACE, SendJob, not_sent
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -104,6 +104,8 @@ class Client:
         item = self._async._capture(
             external_user_id, event_type, properties, context, occurred_at, message_id
         )
+        if isinstance(item, str):  # dropped by before_send
+            return not_sent(item)
         body = ev.encode_event(item, self._async._base_tail)
         job = self._async._submit(body, item[4], identify=False, timeout=timeout, blocking=True)
         return self._wait(job)
@@ -122,8 +124,9 @@ class Client:
     ) -> Receipt:
         """Deliver an identify now and block for its receipt; see
         :meth:`AsyncClient.identify_now`."""
-        shortcuts = (("email", email), ("sms", phone), ("push", push_token))
-        body = ev.encode_identify(external_user_id, traits, preferred_channel, channels, shortcuts)
+        body = self._async._identify_body(
+            external_user_id, traits, email, phone, push_token, preferred_channel, channels
+        )
         return self._wait(
             self._async._submit(body, "", identify=True, timeout=timeout, blocking=True)
         )
