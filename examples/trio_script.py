@@ -37,8 +37,11 @@ async def main() -> int:
 
     # Leaving `async with` closed the client, delivering everything queued.
     stats = client.stats()
-    print(f"tracked={stats.tracked} delivered={stats.delivered} dropped={stats.dropped}")
-    return 0 if stats.delivered == stats.tracked else 1
+    print(
+        f"tracked={stats.tracked} identified={stats.identified} "
+        f"delivered={stats.delivered} dropped={stats.dropped}"
+    )
+    return 0 if stats.delivered == stats.tracked + stats.identified else 1
 
 
 if __name__ == "__main__":

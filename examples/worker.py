@@ -59,8 +59,11 @@ def main() -> int:
 
     # Leaving the `with` block delivered everything queued (within shutdown_timeout, 10 s).
     stats = client.stats()
-    print(f"tracked={stats.tracked} delivered={stats.delivered} dropped={stats.dropped}")
-    return 0 if stats.delivered == stats.tracked else 1
+    print(
+        f"tracked={stats.tracked} identified={stats.identified} "
+        f"delivered={stats.delivered} dropped={stats.dropped}"
+    )
+    return 0 if stats.delivered == stats.tracked + stats.identified else 1
 
 
 if __name__ == "__main__":

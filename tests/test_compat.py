@@ -186,7 +186,8 @@ def test_the_current_user_is_bound_per_context(server: LocalServer) -> None:
             tracker.identify({"plan": "pro"})
     stats = client.stats()
     assert stats.dropped_by_reason == {"anonymous": 1}
-    assert stats.tracked == stats.delivered + stats.dropped == 4
+    assert (stats.tracked, stats.identified) == (3, 1)
+    assert stats.tracked + stats.identified == stats.delivered + stats.dropped == 4
     contexts = [(e["external_user_id"], e["context"]["request_id"]) for e in server.app.events]
     assert contexts == [("user_8", "mine"), ("user_8", "req-1")]
     assert server.app.identifies[0]["external_user_id"] == "user_8"

@@ -317,7 +317,7 @@ async def test_aiohttp_current_user(server: LocalServer) -> None:
 def test_asyncio_script(server: LocalServer) -> None:
     out = run_example("asyncio_script")
     assert "flushed: 4 delivered, 0 pending" in out
-    assert "tracked=4 delivered=4 dropped=0" in out
+    assert "tracked=3 identified=1 delivered=4 dropped=0" in out
     assert list(stored_once(server).values()) == [
         ("user_8842", "payment_failed", {"amount_cents": 4900, "attempt": 1}),
         ("user_8842", "support_ticket_opened", {"topic": "billing"}),
@@ -356,7 +356,7 @@ def test_outbox_publisher(server: LocalServer, tmp_path: Path) -> None:
 
 def test_trio_script(server: LocalServer) -> None:
     out = run_example("trio_script")
-    assert "tracked=3 delivered=3 dropped=0" in out
+    assert "tracked=3 identified=0 delivered=3 dropped=0" in out
     assert sorted(stored_once(server).values()) == [
         ("user_101", "usage_reviewed", {"logins_this_month": 3}),
         ("user_102", "account_inactive", {"days_since_login": 30}),
@@ -366,7 +366,7 @@ def test_trio_script(server: LocalServer) -> None:
 
 def test_worker(server: LocalServer) -> None:
     out = run_example("worker")
-    assert "tracked=4 delivered=4 dropped=0" in out
+    assert "tracked=4 identified=0 delivered=4 dropped=0" in out
     assert stored_once(server) == {
         "job-0001:job_completed": ("user_17", "job_completed", {"job_id": "job-0001", "rows": 120}),
         "job-0002:job_completed": (

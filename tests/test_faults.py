@@ -70,11 +70,12 @@ def assert_stored_exactly_once(server: LocalServer, expected: list[str] | set[st
     assert set(stored) == set(expected)
 
 
-def assert_accounted(client: whisperr.AsyncClient, tracked: int) -> whisperr.Stats:
-    """After aclose(): everything tracked is either delivered or dropped, nothing is left."""
+def assert_accounted(client: whisperr.AsyncClient, taken: int) -> whisperr.Stats:
+    """After aclose(): every track and identify taken is either delivered or dropped, nothing
+    is left."""
     stats = client.stats()
-    assert stats.tracked == tracked
-    assert stats.tracked == stats.delivered + stats.dropped
+    assert stats.tracked + stats.identified == taken
+    assert stats.tracked + stats.identified == stats.delivered + stats.dropped
     assert stats.dropped == sum(stats.dropped_by_reason.values())
     assert (stats.queued, stats.in_flight, stats.queued_bytes) == (0, 0, 0)
     return stats

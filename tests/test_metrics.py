@@ -58,6 +58,7 @@ def value(points: dict[str, list[Any]], name: str, **attributes: str) -> int:
 
 def assert_counts_equal_stats(points: dict[str, list[Any]], stats: whisperr.Stats) -> None:
     assert value(points, "whisperr.events.tracked") == stats.tracked
+    assert value(points, "whisperr.identifies") == stats.identified
     assert value(points, "whisperr.events.delivered") == stats.delivered
     assert value(points, "whisperr.events.retried") == stats.retried
     dropped = {dict(p.attributes)["reason"]: p.value for p in points["whisperr.events.dropped"]}
@@ -91,6 +92,7 @@ async def test_metrics_equal_stats_through_faults(
         client.track(f"user_{i}", "payment_failed")
     client.track("staff", "payment_failed")  # filtered
     client.track("user_x", "Not Valid")  # invalid, strict=False
+    client.identify("", {"plan": "pro"})  # invalid too: an identify refused
     points = read(reader)
     assert_counts_equal_stats(points, client.stats())
     assert value(points, "whisperr.queue.events") == 3
@@ -106,7 +108,8 @@ async def test_metrics_equal_stats_through_faults(
 
     stats = client.stats()
     assert (stats.delivered, stats.retried, stats.sent) == (3, 3, 1)
-    assert dict(stats.dropped_by_reason) == {"filtered": 1, "invalid": 1, "rejected": 3}
+    assert dict(stats.dropped_by_reason) == {"filtered": 1, "invalid": 2, "rejected": 3}
+    assert (stats.tracked, stats.identified) == (8, 1)
     points = read(reader)
     assert_counts_equal_stats(points, stats)
 

@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from types import TracebackType
-from typing import Any, final
+from typing import TYPE_CHECKING, Any, final
 
 import attrs
 import orjson
 
 from . import _events as ev
 from . import _exit
-from ._config import Settings
+from ._config import Settings, SettingsArgs
 from ._delivery import Delivery
 from ._errors import ClientClosedError, InvalidEventError
 from ._hooks import Hooks
@@ -32,6 +33,11 @@ from ._schedule import Scheduler
 from ._send import REPORT_GRACE, SendJob, not_sent
 from ._transport import SDK_NAME
 from ._version import __version__
+
+if sys.version_info >= (3, 11):
+    from typing import Unpack
+elif TYPE_CHECKING:  # typing_extensions is no dependency: the annotations are never evaluated
+    from typing_extensions import Unpack
 
 # Slack under the byte cap for the envelope and the fields around properties and context: the
 # keys, the stamp, an event type (at most 255 characters) and a generated message id.
@@ -54,10 +60,16 @@ class AsyncClient:
         settings: a :class:`Settings` (or the API key, as a string); keyword arguments override
             its fields. Fields given in neither are read from ``WHISPERR_*`` environment
             variables, else take their defaults.
-        **overrides: any :class:`Settings` field.
+        **overrides: any :class:`Settings` field, typed as the field (a type checker flags a
+            misspelt keyword or a wrong type).
+
+    Raises:
+        ConfigError: a setting is invalid or of the wrong type; the message names it.
     """
 
-    def __init__(self, settings: Settings | str | None = None, **overrides: Any) -> None:
+    def __init__(
+        self, settings: Settings | str | None = None, **overrides: Unpack[SettingsArgs]
+    ) -> None:
         if isinstance(settings, str):  # the API key, as the official SDK takes it
             settings, overrides = None, {"api_key": settings, **overrides}
         if settings is None:
@@ -265,8 +277,10 @@ class AsyncClient:
         except InvalidEventError as exc:
             if self._strict:
                 raise
+            self._ledger.count_identify()
             self._refuse_invalid(exc)
             return
+        self._ledger.count_identify()
         self._put((external_user_id, None, self._clock(), body, ""), len(body))
 
     def _identify_body(
@@ -538,7 +552,8 @@ class AsyncClient:
         dropped = dict(ledger.dropped)
         delays = sorted(ledger.delays.copy())  # copy(): one step, as the runner appends
         return Stats(
-            tracked=intake.end + ledger.refused,
+            tracked=intake.end + ledger.refused - ledger.identified,
+            identified=ledger.identified,
             delivered=ledger.delivered,
             dropped=sum(dropped.values()),
             dropped_by_reason=dropped,

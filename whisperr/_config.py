@@ -5,9 +5,10 @@ from __future__ import annotations
 import ipaddress
 import os
 import ssl
+import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypedDict
 
 import anyio
 import attrs
@@ -15,6 +16,11 @@ import httpx
 
 from ._errors import ConfigError
 from ._models import DeliveryReport
+
+if sys.version_info >= (3, 11):
+    from typing import Unpack
+elif TYPE_CHECKING:  # typing_extensions is no dependency: the annotations are never evaluated
+    from typing_extensions import Unpack
 
 DEFAULT_BASE_URL = "https://api.whisperr.net"
 # The server's hard cap: at most 500 events per batch request (WIRE.md §1).
@@ -47,6 +53,53 @@ class OnError(Protocol):
     def __call__(self, report: DeliveryReport, /) -> Awaitable[None] | None: ...
 
 
+_Validator = Callable[[object, "attrs.Attribute[Any]", Any], None]
+
+
+def _wrong_type(name: str, what: str, value: object) -> ConfigError:
+    return ConfigError(f"{name} must be {what}, got {value!r:.200} ({type(value).__name__})")
+
+
+def _of_type(
+    types: type | tuple[type, ...], what: str, *, optional: bool = False, bools: bool = False
+) -> _Validator:
+    """A validator: the value is an instance of ``types`` (never a bool unless ``bools``).
+
+    Python's bool is an int, but ``max_retries=True`` is a mistake, not a count.
+    """
+    if optional:
+        what += " or None"
+
+    def check(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if isinstance(value, types) and (bools or value.__class__ is not bool):
+            return
+        if value is None and optional:
+            return
+        raise _wrong_type(attribute.name, what, value)
+
+    return check
+
+
+def _callable(*, optional: bool = False) -> _Validator:
+    what = "a callable or None" if optional else "a callable"
+
+    def check(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if not callable(value) and not (value is None and optional):
+            raise _wrong_type(attribute.name, what, value)
+
+    return check
+
+
+_INT = _of_type(int, "an integer")
+_OPTIONAL_INT = _of_type(int, "an integer", optional=True)
+_SECONDS = _of_type((int, float), "a number of seconds")
+_BOOL = _of_type(bool, "True or False", bools=True)
+_STR = _of_type(str, "a string")
+_OPTIONAL_STR = _of_type(str, "a string", optional=True)
+_OPTIONAL_CALLABLE = _callable(optional=True)
+_CALLABLE = _callable()
+
+
 def _positive(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
     if not value > 0:
         raise ConfigError(f"{attribute.name} must be > 0, got {value!r}")
@@ -67,7 +120,8 @@ def _is_loopback(host: str) -> bool:
 
 
 def _normalise_url(url: str) -> str:
-    return url.rstrip("/")
+    # Not a string: left as it is, for the type check to name it (a converter runs first).
+    return url.rstrip("/") if isinstance(url, str) else url
 
 
 def _verify(raw: str) -> bool | str:
@@ -119,68 +173,87 @@ class Settings:
     ``attrs.evolve``.
 
     Raises:
-        ConfigError: a value is invalid, or a ``WHISPERR_*`` variable does not parse.
+        ConfigError: a value is invalid or of the wrong type (the message names the setting),
+            or a ``WHISPERR_*`` variable does not parse.
     """
 
     api_key: str | None = attrs.field(default=_env("api_key", None), repr=False)
     base_url: str = attrs.field(
-        default=_env("base_url", DEFAULT_BASE_URL), converter=_normalise_url
+        default=_env("base_url", DEFAULT_BASE_URL), converter=_normalise_url, validator=_STR
     )
-    app_version: str | None = _env("app_version", None)
-    max_batch_size: int = attrs.field(default=_env("max_batch_size", MAX_BATCH_SIZE))
-    max_batch_bytes: int = attrs.field(default=_env("max_batch_bytes", DEFAULT_MAX_BATCH_BYTES))
-    flush_at: int | None = attrs.field(default=_env("flush_at", None))
+    app_version: str | None = attrs.field(
+        default=_env("app_version", None), validator=_OPTIONAL_STR
+    )
+    max_batch_size: int = attrs.field(
+        default=_env("max_batch_size", MAX_BATCH_SIZE), validator=_INT
+    )
+    max_batch_bytes: int = attrs.field(
+        default=_env("max_batch_bytes", DEFAULT_MAX_BATCH_BYTES), validator=_INT
+    )
+    flush_at: int | None = attrs.field(default=_env("flush_at", None), validator=_OPTIONAL_INT)
     flush_interval: float = attrs.field(
-        default=_env("flush_interval", DEFAULT_FLUSH_INTERVAL), validator=_positive
+        default=_env("flush_interval", DEFAULT_FLUSH_INTERVAL), validator=[_SECONDS, _positive]
     )
     max_queue_size: int = attrs.field(
-        default=_env("max_queue_size", DEFAULT_MAX_QUEUE_SIZE), validator=_positive
+        default=_env("max_queue_size", DEFAULT_MAX_QUEUE_SIZE), validator=[_INT, _positive]
     )
     max_queue_bytes: int = attrs.field(
-        default=_env("max_queue_bytes", DEFAULT_MAX_QUEUE_BYTES), validator=_positive
+        default=_env("max_queue_bytes", DEFAULT_MAX_QUEUE_BYTES), validator=[_INT, _positive]
     )
     overflow: Overflow = attrs.field(default=_env("overflow", "drop_oldest"))
     max_retries: int = attrs.field(
-        default=_env("max_retries", DEFAULT_MAX_RETRIES), validator=_non_negative
+        default=_env("max_retries", DEFAULT_MAX_RETRIES), validator=[_INT, _non_negative]
     )
     backoff_base: float = attrs.field(
-        default=_env("backoff_base", DEFAULT_BACKOFF_BASE), validator=_non_negative
+        default=_env("backoff_base", DEFAULT_BACKOFF_BASE), validator=[_SECONDS, _non_negative]
     )
     backoff_cap: float = attrs.field(
-        default=_env("backoff_cap", DEFAULT_BACKOFF_CAP), validator=_non_negative
+        default=_env("backoff_cap", DEFAULT_BACKOFF_CAP), validator=[_SECONDS, _non_negative]
     )
     request_timeout: float = attrs.field(
-        default=_env("request_timeout", DEFAULT_REQUEST_TIMEOUT), validator=_positive
+        default=_env("request_timeout", DEFAULT_REQUEST_TIMEOUT), validator=[_SECONDS, _positive]
     )
     shutdown_timeout: float = attrs.field(
-        default=_env("shutdown_timeout", DEFAULT_SHUTDOWN_TIMEOUT), validator=_non_negative
+        default=_env("shutdown_timeout", DEFAULT_SHUTDOWN_TIMEOUT),
+        validator=[_SECONDS, _non_negative],
     )
     max_concurrency: int = attrs.field(
-        default=_env("max_concurrency", DEFAULT_MAX_CONCURRENCY), validator=_positive
+        default=_env("max_concurrency", DEFAULT_MAX_CONCURRENCY), validator=[_INT, _positive]
     )
-    on_error: OnError | None = None
-    before_send: BeforeSend | None = attrs.field(default=None)
+    on_error: OnError | None = attrs.field(default=None, validator=_OPTIONAL_CALLABLE)
+    before_send: BeforeSend | None = attrs.field(default=None, validator=_OPTIONAL_CALLABLE)
     pii: Pii | None = attrs.field(default=_env("pii", None))
-    metrics: bool = _env("metrics", False)
+    metrics: bool = attrs.field(default=_env("metrics", False), validator=_BOOL)
     meter_provider: Any = None
-    strict: bool = _env("strict", True)
-    disabled: bool = _env("disabled", False)
-    allow_insecure_http: bool = _env("allow_insecure_http", False)
-    trust_env: bool = _env("trust_env", True)
+    strict: bool = attrs.field(default=_env("strict", True), validator=_BOOL)
+    disabled: bool = attrs.field(default=_env("disabled", False), validator=_BOOL)
+    allow_insecure_http: bool = attrs.field(
+        default=_env("allow_insecure_http", False), validator=_BOOL
+    )
+    trust_env: bool = attrs.field(default=_env("trust_env", True), validator=_BOOL)
     proxy: str | None = attrs.field(default=_env("proxy", None))
     verify: bool | str | ssl.SSLContext = attrs.field(default=_env("verify", True))
-    http_client: httpx.AsyncClient | None = attrs.field(default=None)
-    transport: httpx.AsyncBaseTransport | None = None
-    clock: Callable[[], float] = time.time
-    sleep: Callable[[float], Awaitable[None]] = anyio.sleep
+    http_client: httpx.AsyncClient | None = attrs.field(
+        default=None, validator=_of_type(httpx.AsyncClient, "an httpx.AsyncClient", optional=True)
+    )
+    transport: httpx.AsyncBaseTransport | None = attrs.field(
+        default=None,
+        validator=_of_type(httpx.AsyncBaseTransport, "an httpx.AsyncBaseTransport", optional=True),
+    )
+    clock: Callable[[], float] = attrs.field(default=time.time, validator=_CALLABLE)
+    sleep: Callable[[float], Awaitable[None]] = attrs.field(
+        default=anyio.sleep, validator=_CALLABLE
+    )
 
     @api_key.validator
     def _check_api_key(self, attribute: attrs.Attribute[Any], value: str | None) -> None:
         if value is None or value == "":
-            if not self.disabled:
+            if self.disabled is False:  # not a bool: its own check says so
                 raise ConfigError("api_key is required (or set WHISPERR_API_KEY, or disabled=True)")
             return
-        if not isinstance(value, str) or value != value.strip() or any(c.isspace() for c in value):
+        if not isinstance(value, str):  # the value stays out of the message: it is a secret
+            raise ConfigError(f"api_key must be a string, got {type(value).__name__}")
+        if value != value.strip() or any(c.isspace() for c in value):
             raise ConfigError("api_key must be a string without whitespace")
         if not value.isascii() or not value.isprintable():
             raise ConfigError("api_key must be printable ASCII (it travels in an HTTP header)")
@@ -214,6 +287,8 @@ class Settings:
     def _check_proxy(self, attribute: attrs.Attribute[Any], value: str | None) -> None:
         if value is None:
             return
+        if not isinstance(value, str):  # the value stays out of the message: it may hold a password
+            raise ConfigError(f"proxy must be a URL string or None, got {type(value).__name__}")
         try:
             url = httpx.URL(value)
         except httpx.InvalidURL:
@@ -258,18 +333,19 @@ class Settings:
 
     @overflow.validator
     def _check_overflow(self, attribute: attrs.Attribute[Any], value: str) -> None:
-        if value not in {"drop_oldest", "drop_newest"}:
-            raise ConfigError(f"overflow must be 'drop_oldest' or 'drop_newest', got {value!r}")
-
-    @before_send.validator
-    def _check_before_send(self, attribute: attrs.Attribute[Any], value: object) -> None:
-        if value is not None and not callable(value):
-            raise ConfigError(f"before_send must be a callable or None, got {value!r:.200}")
+        if value not in ("drop_oldest", "drop_newest"):  # a tuple: an unhashable value is no error
+            raise ConfigError(
+                f"overflow must be 'drop_oldest' or 'drop_newest', got {value!r:.200} "
+                f"({type(value).__name__})"
+            )
 
     @pii.validator
     def _check_pii(self, attribute: attrs.Attribute[Any], value: object) -> None:
         if value not in (None, "raise", "drop_fields"):
-            raise ConfigError(f"pii must be 'raise', 'drop_fields' or None, got {value!r:.200}")
+            raise ConfigError(
+                f"pii must be 'raise', 'drop_fields' or None, got {value!r:.200} "
+                f"({type(value).__name__})"
+            )
 
     @property
     def metrics_on(self) -> bool:
@@ -289,7 +365,9 @@ class Settings:
             )
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, **overrides: Unpack[SettingsArgs]
+    ) -> Settings:
         """Build settings from ``WHISPERR_*`` variables of ``environ``, then ``overrides``.
 
         ``Settings(**overrides)`` reads ``os.environ`` the same way; this form takes another
@@ -305,6 +383,55 @@ class Settings:
             if name not in overrides
         }
         return cls(**values, **overrides)
+
+
+class KeylessSettingsArgs(TypedDict, total=False):
+    """Every :class:`Settings` field but ``api_key``, as keyword arguments.
+
+    The keywords of ``whisperr.init(api_key, **settings)``, which takes the key by name.
+    """
+
+    base_url: str
+    app_version: str | None
+    max_batch_size: int
+    max_batch_bytes: int
+    flush_at: int | None
+    flush_interval: float
+    max_queue_size: int
+    max_queue_bytes: int
+    overflow: Overflow
+    max_retries: int
+    backoff_base: float
+    backoff_cap: float
+    request_timeout: float
+    shutdown_timeout: float
+    max_concurrency: int
+    on_error: OnError | None
+    before_send: BeforeSend | None
+    pii: Pii | None
+    metrics: bool
+    meter_provider: Any
+    strict: bool
+    disabled: bool
+    allow_insecure_http: bool
+    trust_env: bool
+    proxy: str | None
+    verify: bool | str | ssl.SSLContext
+    http_client: httpx.AsyncClient | None
+    transport: httpx.AsyncBaseTransport | None
+    clock: Callable[[], float]
+    sleep: Callable[[float], Awaitable[None]]
+
+
+class SettingsArgs(KeylessSettingsArgs, total=False):
+    """Every :class:`Settings` field, as keyword arguments (``**overrides: Unpack[SettingsArgs]``).
+
+    What ``AsyncClient(...)``, ``Client(...)`` and ``Settings.from_env(...)`` accept, so that a
+    type checker and an IDE know each keyword and its type. A test keeps it in step with
+    :class:`Settings`.
+    """
+
+    api_key: str | None
 
 
 _ENV_FIELDS: dict[str, Callable[[str], Any]] = {

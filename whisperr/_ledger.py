@@ -45,6 +45,7 @@ class Ledger:
     sent: int = 0  # sends that got a receipt (counted apart from tracked events)
     send_failed: int = 0  # sends that raised SendError
     refused: int = 0  # dropped at capture, never queued: invalid (strict=False) or overflow
+    identified: int = 0  # identify() calls taken (queued or refused): counted apart from tracks
     dropped: Counter[str] = attrs.field(factory=Counter)
     last_error: DeliveryReport | None = None
     spawn: Callable[..., object] | None = None
@@ -57,6 +58,7 @@ class Ledger:
     def reset(self) -> None:
         """Zero every counter (in a forked child: the parent's events are the parent's)."""
         self.delivered = self.retried = self.refused = self.sent = self.send_failed = 0
+        self.identified = 0
         self.dropped = Counter()
         self.last_error = None
         self.spawn = None
@@ -77,6 +79,11 @@ class Ledger:
             self._at_capture.append((reason, message_id, detail))
             return len(self._at_capture) == 1
 
+    def count_identify(self) -> None:
+        """Count an identify() call that passed the call site (queued, or refused)."""
+        with self._lock:
+            self.identified += 1
+
     def filtered(self) -> None:
         """Count an event that ``before_send`` dropped: counted, never reported or logged."""
         with self._lock:
@@ -94,7 +101,7 @@ class Ledger:
         for reason in dict.fromkeys(r for r, _, _ in pending):
             mine = [(mid, detail) for r, mid, detail in pending if r == reason]
             ids = tuple(mid for mid, _ in mine if mid)
-            message = f"{len(mine)} events dropped at capture ({reason})"
+            message = f"{events(len(mine))} dropped at capture ({reason})"
             if mine[-1][1]:
                 message += f"; the last: {mine[-1][1]}"
             self.report("dropped", reason, message, None, len(mine), ids, counted=True)
@@ -125,7 +132,7 @@ class Ledger:
     ) -> None:
         """Count and report events that will never be delivered."""
         ids = tuple(item[4] for item in items if item[4])
-        message = f"{len(items)} events dropped: {message}"
+        message = f"{events(len(items))} dropped: {message}"
         self.report("dropped", reason, message, status, len(items), ids)
 
     def report(
@@ -166,6 +173,11 @@ class Ledger:
             logger.exception("whisperr: the on_error hook raised; delivery goes on")
         finally:
             in_hook.reset(token)
+
+
+def events(count: int) -> str:
+    """``"1 event"``, ``"2 events"``: a count of events for a message."""
+    return f"{count} event" if count == 1 else f"{count} events"
 
 
 async def _await_hook(result: Awaitable[Any]) -> None:

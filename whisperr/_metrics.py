@@ -5,8 +5,9 @@ imported only then. The counts are observable instruments whose callbacks read
 :meth:`AsyncClient.stats`, so they equal it and cost nothing on the ``track()`` path; the two
 histograms are recorded by the runner, once a request and once a delivered batch.
 
-    whisperr.events.tracked     counter          {event}   tracked (queued or refused)
-    whisperr.events.delivered   counter          {event}   acknowledged by the server
+    whisperr.events.tracked     counter          {event}   track() calls (queued or refused)
+    whisperr.identifies         counter          {identify} identify() calls (the same)
+    whisperr.events.delivered   counter          {event}   acknowledged (tracks and identifies)
     whisperr.events.dropped     counter          {event}   never delivered; attribute reason
     whisperr.events.retried     counter          {event}   events in attempts that were retried
     whisperr.sends              counter          {send}    send()/identify_now(); outcome
@@ -65,6 +66,7 @@ class Metrics:
         event, size = "{event}", "By"
         for name, unit, callback, description in (
             ("events.tracked", event, counts(lambda s: s.tracked), "Events tracked"),
+            ("identifies", "{identify}", counts(lambda s: s.identified), "Identifies taken"),
             ("events.delivered", event, counts(lambda s: s.delivered), "Events delivered"),
             ("events.dropped", event, dropped, "Events never delivered, by reason"),
             ("events.retried", event, counts(lambda s: s.retried), "Events in retried attempts"),

@@ -40,12 +40,15 @@ class DeliveryReport:
 
 @attrs.frozen
 class Stats:
-    """A snapshot of the client's counters, in events (tracks and identifies) but for
+    """A snapshot of the client's counters, in messages (tracks and identifies) but for
     ``batches_in_flight`` and ``max_batch_bytes_learned``.
 
-    After ``aclose()`` every tracked event is accounted for:
-    ``tracked == delivered + dropped``. ``queued`` includes events kept after an auth failure
-    or exhausted retries; ``in_flight`` counts the events of the requests under way.
+    ``tracked`` counts ``track()`` calls and ``identified`` ``identify()`` calls (each queued,
+    or refused at capture); the other counts take both. After ``aclose()`` every one is
+    accounted for: ``tracked + identified == delivered + dropped``. ``retried`` counts the
+    messages of attempts that failed and were retried (a batch of 500 retried twice: 1,000), not
+    requests. ``queued`` includes messages kept after an auth failure or exhausted retries;
+    ``in_flight`` counts the messages of the requests under way.
     ``max_batch_bytes_learned`` is the request body size, in bytes, that batches are cut to
     after the server answered 413 to larger ones (None while nothing was learned): set
     ``max_batch_bytes`` to it to spare those 413s.
@@ -75,6 +78,7 @@ class Stats:
     sending: int = 0
     delivery_delay_p50: float | None = None
     delivery_delay_p99: float | None = None
+    identified: int = 0
 
 
 @attrs.frozen

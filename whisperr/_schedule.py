@@ -18,7 +18,7 @@ from ._batches import Batch
 from ._config import Settings
 from ._events import Item
 from ._intake import NEVER, Intake, bytes_of
-from ._ledger import Ledger
+from ._ledger import Ledger, events
 from ._models import ReportType
 from ._signal import Signal
 from ._transport import Outcome, backoff
@@ -307,7 +307,7 @@ class Scheduler:
                 self.ledger.report(
                     "dropped",
                     "partially_rejected",
-                    f"the server rejected {rejected} of {count} events in a batch",
+                    f"the server rejected {rejected} of {events(count)} in a batch",
                     outcome.status,
                     rejected,
                     (),
@@ -326,7 +326,7 @@ class Scheduler:
             self.ledger.report(
                 kind,
                 outcome.reason,
-                f"{outcome.message}; {count} events kept for a later attempt",
+                f"{outcome.message}; {events(count)} kept for a later attempt",
                 outcome.status,
                 count,
                 batch.message_ids,

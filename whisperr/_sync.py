@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
-from typing import Any, ParamSpec, TypeVar, final
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, final
 
 from . import _events as ev
 from ._client import AsyncClient
-from ._config import Settings
+from ._config import Settings, SettingsArgs
 from ._models import FlushResult, Receipt, Stats
 from ._runner import RunnerState
 from ._send import REPORT_GRACE, SendJob, not_sent
+
+if sys.version_info >= (3, 11):
+    from typing import Unpack
+elif TYPE_CHECKING:  # typing_extensions is no dependency: the annotations are never evaluated
+    from typing_extensions import Unpack
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -39,7 +45,9 @@ class Client:
         **overrides: any :class:`Settings` field.
     """
 
-    def __init__(self, settings: Settings | str | None = None, **overrides: Any) -> None:
+    def __init__(
+        self, settings: Settings | str | None = None, **overrides: Unpack[SettingsArgs]
+    ) -> None:
         self._async = AsyncClient(settings, **overrides)
         self._runner = self._async._runner
         self._runner.own_thread_only = True

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import ssl
+import time
+from typing import Any
+
 import httpx
 
 import whisperr
@@ -20,6 +25,43 @@ async def use_client() -> None:
     await whisperr.AsyncClient(
         api_key="wrk_x", transport=httpx.MockTransport(lambda r: httpx.Response(202))
     ).aclose()
+
+
+async def use_typed_settings_keywords(http: httpx.AsyncClient) -> None:
+    def drop_emails(event: dict[str, Any]) -> dict[str, Any] | None:
+        return None if "email" in event["properties"] else event
+
+    await whisperr.AsyncClient("wrk_x").aclose()  # the key, positionally
+    await whisperr.AsyncClient(
+        "wrk_x",
+        base_url="https://gw.example.com/whisperr",
+        app_version=None,
+        max_batch_size=100,
+        flush_at=None,
+        flush_interval=1,  # an int is a float to a type checker too
+        overflow="drop_newest",
+        max_retries=3,
+        backoff_cap=2.5,
+        on_error=hook,
+        before_send=drop_emails,
+        pii="drop_fields",
+        metrics=True,
+        strict=False,
+        verify=ssl.create_default_context(),
+        http_client=http,
+        clock=time.monotonic,
+        sleep=asyncio.sleep,
+    ).aclose()
+    settings = whisperr.Settings(api_key="wrk_x", disabled=True, proxy="http://127.0.0.1:3128")
+    await whisperr.AsyncClient(settings, request_timeout=5.0, verify=False).aclose()
+    whisperr.Client(settings, shutdown_timeout=0, trust_env=False).close()
+    # Each keyword is checked (strict mypy reports an unused ignore: these prove the errors).
+    whisperr.AsyncClient(flush_intervall=1)  # type: ignore[call-arg]
+    whisperr.AsyncClient(flush_interval="1")  # type: ignore[arg-type]
+    whisperr.AsyncClient("wrk_x", overflow="block")  # type: ignore[arg-type]
+    whisperr.Client(max_batch_size=1.5)  # type: ignore[arg-type]
+    whisperr.Settings(flush_intervall=1)  # type: ignore[call-arg]
+    whisperr.Settings.from_env({}, max_retries="3")  # type: ignore[arg-type]
 
 
 async def hook(report: whisperr.DeliveryReport) -> None:
