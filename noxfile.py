@@ -1,22 +1,27 @@
-"""Developer tasks: tests on every Python 3.10 to 3.13 found here, lint, typecheck, bench, demo."""
+"""Developer tasks: tests on every Python 3.10 to 3.13 found here, lint, typecheck, the sdist,
+bench, demo."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import nox
 
 PYTHONS = ["3.10", "3.11", "3.12", "3.13"]
-PYPROJECT = nox.project.load_toml("pyproject.toml")
+HERE = Path(__file__).resolve().parent
+PYPROJECT = nox.project.load_toml(HERE / "pyproject.toml")
+# CI=true (or 1, yes, on), as CI services set it: every Python above must be there.
+ON_CI = os.environ.get("CI", "").strip().lower() in {"1", "true", "yes", "on"}
 
-nox.options.sessions = ["tests", "lint", "typecheck"]
+nox.options.sessions = ["tests", "lint", "typecheck", "sdist"]
 nox.options.default_venv_backend = "venv"
 nox.options.download_python = "never"
-# Run on the interpreters this machine has; a missing one is skipped, not an error.
-nox.options.error_on_missing_interpreters = False
+# Locally, run on the interpreters this machine has: a missing one is skipped. On CI it fails.
+nox.options.error_on_missing_interpreters = ON_CI
 
 
 def _add_pyenv_versions_to_path() -> None:
@@ -52,6 +57,43 @@ def typecheck(session: nox.Session) -> None:
     """mypy --strict over the package and the typing tests."""
     session.install("-e", ".", *nox.project.dependency_groups(PYPROJECT, "typecheck"))
     session.run("mypy")
+
+
+# Run in the session's Python, from the unpacked tree: the installed package is the one imported.
+_CHECK_INSTALLED = """\
+import sys, whisperr
+if not whisperr.__file__.startswith(sys.prefix):
+    sys.exit(f"whisperr imported from {whisperr.__file__}, not from the installed wheel")
+print("testing", whisperr.__version__, "from", whisperr.__file__)
+"""
+
+
+@nox.session(python="3.12")
+def sdist(session: nox.Session) -> None:
+    """The sdist is complete: build it, install it, run the test suite from the unpacked tree."""
+    session.install("build")
+    with (
+        tempfile.TemporaryDirectory(prefix="whisperr-dist-") as dist,
+        tempfile.TemporaryDirectory(prefix="whisperr-sdist-") as unpacked,
+    ):
+        session.run("python", "-m", "build", "--sdist", "--outdir", dist, str(HERE))
+        (archive,) = Path(dist).glob("*.tar.gz")
+        session.run("python", "-m", "tarfile", "--filter", "data", "-e", str(archive), unpacked)
+        (root,) = Path(unpacked).iterdir()
+        # The wheel pip would build from the sdist, kept for tests/test_packaging.py to read.
+        session.run("python", "-m", "build", "--wheel", "--outdir", dist, str(root))
+        (wheel,) = Path(dist).glob("*.whl")
+        test_group = nox.project.dependency_groups(
+            nox.project.load_toml(root / "pyproject.toml"), "test"
+        )
+        session.install(str(wheel), *test_group)
+        # Without the source package, the tests and the interpreters they start (python -c,
+        # with the tree as the working directory) can only import the installed one.
+        shutil.rmtree(root / "whisperr")
+        with session.chdir(root):
+            session.run("python", "-c", _CHECK_INSTALLED)
+            env = {"PACKAGING_TEST_SDIST": str(archive), "PACKAGING_TEST_WHEEL": str(wheel)}
+            session.run("pytest", *session.posargs, env=env)
 
 
 @nox.session

@@ -13,6 +13,9 @@ that deliver now and are awaited raise :class:`SendError`.
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 
 class WhisperrError(Exception):
     """The root of every exception whisperr raises."""
@@ -32,6 +35,9 @@ class InvalidEventError(WhisperrError, ValueError):
         super().__init__(f"{field}: {rule}")
         self.field = field
         self.rule = rule
+
+    def __reduce__(self) -> tuple[Any, ...]:  # pickle (multiprocessing, Celery): the real args
+        return type(self), (self.field, self.rule)
 
 
 class ClientClosedError(WhisperrError, RuntimeError):
@@ -67,3 +73,6 @@ class SendError(WhisperrError):
         self.code = code
         self.retryable = retryable
         self.attempts = attempts
+
+    def __reduce__(self) -> tuple[Any, ...]:  # pickle: rebuilt with its keyword arguments
+        return functools.partial(type(self), *self.args, **vars(self)), ()
