@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -37,6 +38,15 @@ def _add_pyenv_versions_to_path() -> None:
 _add_pyenv_versions_to_path()
 
 
+def _needs_a_supported_python(session: nox.Session) -> None:
+    """Sessions without python= run on nox's own interpreter: stop early if it is too old."""
+    if sys.version_info < (3, 10):  # noqa: UP036 (nox may run on any Python)
+        session.error(
+            f"whisperr needs Python 3.10 or newer; nox runs on {sys.version.split()[0]} "
+            f"({sys.executable}). Run nox with a newer Python: python3.12 -m nox ..."
+        )
+
+
 @nox.session(python=PYTHONS)
 def tests(session: nox.Session) -> None:
     """Run the test suite."""
@@ -55,6 +65,7 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def typecheck(session: nox.Session) -> None:
     """mypy --strict over the package and the typing tests."""
+    _needs_a_supported_python(session)
     session.install("-e", ".", *nox.project.dependency_groups(PYPROJECT, "typecheck"))
     session.run("mypy")
 
@@ -99,6 +110,7 @@ def sdist(session: nox.Session) -> None:
 @nox.session
 def demo(session: nox.Session) -> None:
     """A FastAPI service against the bundled local server; prints what was delivered."""
+    _needs_a_supported_python(session)
     session.install("-e", ".", *nox.project.dependency_groups(PYPROJECT, "demo"))
     session.run("python", "examples/demo.py", *session.posargs)
 
@@ -106,5 +118,6 @@ def demo(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     """Side-by-side benchmarks against the official SDK and peers (writes benchmarks/results/)."""
+    _needs_a_supported_python(session)
     session.install("-e", ".")  # the others get their own cached environments
     session.run("python", "benchmarks/run.py", *session.posargs)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -31,7 +30,7 @@ import pytest
 
 from whisperr.server import LocalServer, create_app
 
-from .test_lifecycle import Lines, clean_env, end_session, free_port, stop
+from .test_lifecycle import Lines, clean_env, end_session, redis_server, stop
 
 pytest.importorskip("celery", reason="whisperr.celery needs celery (the test group has it)")
 redis = pytest.importorskip("redis", reason="the broker client: celery[redis]")
@@ -104,30 +103,8 @@ def track(n):
 @pytest.fixture(scope="module")
 def broker_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """redis-server on a free 127.0.0.1 port, in memory only; skipped if it cannot run."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not installed (apt-get install redis-server): the broker")
-    port = free_port()
-    command = [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", ""]
-    command += ["--appendonly", "no", "--dir", str(tmp_path_factory.mktemp("redis"))]
-    process = subprocess.Popen(
-        command,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    assert process.stdout is not None
-    lines = Lines(process.stdout)
-    url = f"redis://127.0.0.1:{port}/0"
-    try:
-        ready = lines.wait_for(lambda line: "Ready to accept connections" in line, START_TIMEOUT)
-        if ready is None:
-            pytest.skip(f"redis-server did not start:\n{lines.text()}")
+    with redis_server(tmp_path_factory.mktemp("redis")) as url:
         yield url
-    finally:
-        stop(process)
-        lines.close()
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ import json
 import multiprocessing
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -210,6 +211,36 @@ def script_env(base_url: str, **extra: str) -> dict[str, str]:
         LIFECYCLE_DUMP_AFTER=str(DUMP_AFTER),  # see tests/lifecycle/probe.py
         **extra,
     )
+
+
+@contextlib.contextmanager
+def redis_server(directory: Path) -> Iterator[str]:
+    """redis-server on a free 127.0.0.1 port, in memory only, for brokers: its URL. The test
+    is skipped, saying why, where none is installed or it does not start."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server): the broker")
+    directory.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    command = [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", ""]
+    command += ["--appendonly", "no", "--dir", str(directory)]
+    process = subprocess.Popen(
+        command,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert process.stdout is not None
+    lines = Lines(process.stdout)
+    try:
+        ready = lines.wait_for(lambda line: "Ready to accept connections" in line, START_TIMEOUT)
+        if ready is None:
+            pytest.skip(f"redis-server did not start:\n{lines.text()}")
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        stop(process)
+        lines.close()
 
 
 @pytest.fixture

@@ -236,3 +236,17 @@ def test_private_submodules_still_import() -> None:
     )
     assert "_models" not in dir(whisperr)  # an attribute still, only not listed
     assert whisperr._models.Stats is whisperr.Stats
+
+
+def test_every_public_name_has_a_home_and_import_whisperr_stays_light() -> None:
+    """whisperr/__init__ loads its public names on first use: each must be listed there, and
+    `import whisperr` alone imports none of the dependencies."""
+    assert set(whisperr._HOMES) | {"__version__"} == set(whisperr.__all__)
+    code = (
+        "import sys, whisperr; heavy = {'httpx', 'anyio', 'attrs', 'orjson'}; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout.strip() == "[]"

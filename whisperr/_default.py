@@ -2,32 +2,51 @@
 
 from __future__ import annotations
 
+import logging
+import sys
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._client import AsyncClient
-from ._config import Settings
+from ._config import KeylessSettingsArgs, Settings
 from ._errors import WhisperrError
 from ._models import FlushResult, Receipt
 from ._scope import UserTracker, current_scope
 from ._sync import Client
 
+if sys.version_info >= (3, 11):
+    from typing import Unpack
+elif TYPE_CHECKING:  # typing_extensions is no dependency: the annotations are never evaluated
+    from typing_extensions import Unpack
+
+logger = logging.getLogger("whisperr")
+
 _default: AsyncClient | None = None
+# A test capture's client (whisperr.testing), installed as the default: init() returns it and
+# shutdown() only flushes it, until the capture puts back what it set aside.
+_installed: AsyncClient | None = None
 
 
-def init(api_key: str | None = None, **settings: Any) -> AsyncClient:
+def init(api_key: str | None = None, **settings: Unpack[KeylessSettingsArgs]) -> AsyncClient:
     """Create the default client; settings not passed are read from ``WHISPERR_*`` variables.
+
+    While a test capture is installed (``whisperr_capture``, ``Capture.installed()``), it
+    returns the capture's client instead, and the settings passed are not used.
 
     Raises:
         WhisperrError: a default client is already open; ``await whisperr.shutdown()`` first.
         ConfigError: the settings are invalid (for example no API key anywhere).
     """
     global _default
+    if _installed is not None:
+        logger.debug("whisperr.init() returns the test capture's client; the settings are unused")
+        return _installed
     if _default is not None:
         raise WhisperrError("whisperr.init() was already called; await whisperr.shutdown() first")
-    if api_key is not None:
-        settings["api_key"] = api_key
-    _default = AsyncClient(Settings.from_env(**settings))
+    if api_key is None:
+        _default = AsyncClient(Settings.from_env(**settings))
+    else:
+        _default = AsyncClient(Settings.from_env(api_key=api_key, **settings))
     return _default
 
 
@@ -146,7 +165,35 @@ async def flush(timeout: float | None = None) -> FlushResult:
 
 
 async def shutdown(timeout: float | None = None) -> FlushResult | None:
-    """Close the default client (delivering what is queued) and forget it; None if there is none."""
+    """Close the default client (delivering what is queued) and forget it; None if there is none.
+
+    While a test capture is installed, its client is flushed (within ``timeout``, default
+    ``shutdown_timeout``) and stays installed and open.
+    """
     global _default
+    installed = _installed
+    if installed is not None:
+        logger.debug("whisperr.shutdown() flushes the test capture's client and keeps it")
+        if timeout is None:
+            timeout = installed.settings.shutdown_timeout
+        return await installed.flush(timeout)
     client, _default = _default, None
     return None if client is None else await client.aclose(timeout)
+
+
+_Saved = tuple[AsyncClient | None, AsyncClient | None]
+
+
+def _install(client: AsyncClient) -> _Saved:
+    """Make ``client`` the default client, kept by init() and shutdown(), until
+    ``_restore()`` gets what this returns (the default client set aside); for whisperr.testing."""
+    global _default, _installed
+    saved = (_default, _installed)
+    _default = _installed = client
+    return saved
+
+
+def _restore(saved: _Saved) -> None:
+    """Put back the default client ``_install()`` set aside."""
+    global _default, _installed
+    _default, _installed = saved

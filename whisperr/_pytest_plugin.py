@@ -1,27 +1,33 @@
-"""The pytest plugin (the `whisperr` entry point): the `whisperr_capture` fixture."""
+"""The pytest plugin (the `whisperr` entry point): the `whisperr_capture` fixture.
+
+pytest imports this module at every start, in every project whose environment has whisperr:
+it imports nothing but pytest here, and the test kit only when a test uses the fixture.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 
-from . import _default
-from .testing import Capture
+if TYPE_CHECKING:
+    from .testing import Capture
 
 
 @pytest.fixture
 def whisperr_capture() -> Iterator[Capture]:
-    """A fresh :class:`whisperr.testing.Capture`, also installed as the module-level client.
+    """A fresh :class:`whisperr.testing.Capture`, installed as the module-level client.
 
-    ``whisperr.track(...)`` in the code under test is captured; ``await whisperr.flush()``
-    delivers it before you assert. The module-level client is forgotten afterwards.
+    ``whisperr.track(...)`` in the code under test is captured, from any thread or event loop;
+    ``whisperr.init(...)`` returns the capture's client (its settings unused) and
+    ``whisperr.shutdown()`` only flushes it. Reading the capture (``events``,
+    ``assert_tracked(...)``) first waits for delivery: no flush is needed, in plain or async
+    tests. Afterwards the client is closed and a module-level client set aside is back.
+    See :meth:`Capture.installed`.
     """
-    if _default._default is not None:
-        raise RuntimeError("whisperr.init() was already called; whisperr_capture needs it unset")
+    from .testing import Capture
+
     capture = Capture()
-    _default.init(**capture.settings)
-    try:
+    with capture.installed():
         yield capture
-    finally:
-        _default._default = None

@@ -70,6 +70,8 @@ async def hook(report: whisperr.DeliveryReport) -> None:
 
 async def use_module() -> None:
     whisperr.init("wrk_x", on_error=hook)
+    whisperr.init(flush_intervall=1)  # type: ignore[call-arg]
+    whisperr.init("wrk_x", flush_interval="1")  # type: ignore[arg-type]
     whisperr.track("u", "a_b")
     whisperr.identify("u")
     flushed: whisperr.FlushResult = await whisperr.flush()
