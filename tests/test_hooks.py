@@ -6,7 +6,7 @@ Through the public API, against httpx.MockTransport: what the fake API received 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import pytest
@@ -272,3 +272,45 @@ def test_pii_setting_is_checked(settings: dict[str, Any], monkeypatch: pytest.Mo
         whisperr.AsyncClient(**settings, pii="mask")
     monkeypatch.setenv("WHISPERR_PII", "drop_fields")
     assert whisperr.Settings(api_key="k").pii == "drop_fields"
+
+
+class Unreadable(Mapping[str, Any]):
+    """A mapping whose reads fail (a lazy or remote mapping's might)."""
+
+    def __getitem__(self, key: str) -> Any:
+        raise ConnectionError("the backing store went away")
+
+    def get(self, key: str, default: Any = None) -> Any:
+        raise ConnectionError("the backing store went away")
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(["a"])
+
+    def __len__(self) -> int:
+        return 1
+
+
+@pytest.mark.parametrize("field", ["properties", "context"])
+async def test_an_unreadable_mapping_is_an_invalid_event_with_before_send_too(
+    settings: dict[str, Any], api: Api, field: str
+) -> None:
+    async with whisperr.AsyncClient(**settings, before_send=tag_region) as client:
+        with pytest.raises(InvalidEventError) as raised:
+            client.track("user_1", "payment_failed", **{field: Unreadable()})
+    assert raised.value.field == field
+    assert api.events == []
+
+
+async def test_a_hook_returning_an_unreadable_mapping_keeps_the_event_as_it_came(
+    settings: dict[str, Any], api: Api
+) -> None:
+    async with whisperr.AsyncClient(**settings, before_send=lambda event: Unreadable()) as c:
+        c.track("user_1", "payment_failed", {"n": 1})
+    assert [e["properties"] for e in api.events] == [{"n": 1}]
+
+
+async def test_a_send_dropped_by_before_send_is_not_counted(settings: dict[str, Any]) -> None:
+    async with whisperr.AsyncClient(**settings, before_send=lambda event: None) as client:
+        await client.send("user_1", "payment_failed")
+    stats = client.stats()
+    assert (stats.tracked, stats.sent, stats.dropped) == (0, 0, 0)

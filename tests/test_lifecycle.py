@@ -40,6 +40,8 @@ import httpx
 import orjson
 import pytest
 
+import whisperr
+
 LIFECYCLE = Path(__file__).resolve().parent / "lifecycle"
 API_KEY = "wrk_local"
 SHUTDOWN_TIMEOUT = 5.0  # WHISPERR_SHUTDOWN_TIMEOUT of every script, unless a case says otherwise
@@ -578,6 +580,43 @@ def test_delivery_thread_leaves_signals_to_the_app(server: ServerProcess, kind: 
     assert run.probe["notes"]["handled_while_blocked"] == 0, str(run)
     assert run.probe["notes"]["handled_after"] == 1, str(run)
     assert_stored_once(server, {"signal-mask-0"}, run)
+
+
+@needs_posix_signals
+def test_a_hook_on_the_delivery_thread_takes_signals_and_so_do_its_processes() -> None:
+    """The delivery thread blocks signals, but not while it runs an on_error hook: the hook sees
+    SIGTERM unblocked, and a process it starts can be stopped with SIGTERM."""
+    seen: dict[str, Any] = {}
+    done = threading.Event()
+
+    def hook(report: whisperr.DeliveryReport) -> None:
+        if done.is_set():
+            return
+        seen["thread"] = threading.current_thread().name
+        seen["blocked"] = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+        child.terminate()
+        try:
+            seen["child"] = child.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+            seen["child"] = "still running after SIGTERM"
+        done.set()
+
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("refused", request=request)
+
+    client = whisperr.Client(
+        api_key=API_KEY, transport=httpx.MockTransport(refuse), on_error=hook, backoff_base=0.01
+    )
+    client.track("u", "payment_failed")
+    client.flush(timeout=0)  # starts delivery on the own thread; the first failure calls hook
+    assert done.wait(20), "the hook never ran"
+    client.close(timeout=0)
+    assert seen["thread"] == "whisperr-delivery"
+    assert signal.SIGTERM not in seen["blocked"]
+    assert seen["child"] == -signal.SIGTERM
 
 
 # -- 6. SIGTERM, with the opt-in ----------------------------------------------------------------

@@ -6,7 +6,9 @@ histograms count one sample a request and one a delivered batch.
 
 from __future__ import annotations
 
+import gc
 import sys
+import weakref
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from typing import Any
@@ -184,3 +186,57 @@ async def test_delivery_delay_percentiles_of_recent_events(
     stats = client.stats()
     assert stats.delivery_delay_p50 == pytest.approx(49.0, abs=0.01)
     assert stats.delivery_delay_p99 == pytest.approx(98.0, abs=0.01)
+
+
+async def test_identifies_are_counted_once_taken(settings: dict[str, Any]) -> None:
+    disabled = whisperr.AsyncClient(**settings, disabled=True)
+    disabled.identify("user_1", {"plan": "pro"})
+    disabled.track("user_1", "payment_failed")
+    assert (disabled.stats().tracked, disabled.stats().identified) == (0, 0)
+    client = whisperr.AsyncClient(**settings)
+    client.track("user_1", "payment_failed")
+    await client.aclose()
+    with pytest.raises(whisperr.ClientClosedError):
+        client.identify("user_1", {"plan": "pro"})
+    stats = client.stats()
+    assert (stats.tracked, stats.identified, stats.delivered) == (1, 0, 1)
+
+
+async def test_a_clock_of_whole_seconds_is_timed_too(settings: dict[str, Any]) -> None:
+    settings["clock"] = lambda: 1_781_438_400  # an int: time.time() rounded, as a test may pass
+    client = whisperr.AsyncClient(**settings)
+    when = datetime.fromtimestamp(1_781_438_400 - 60, timezone.utc)
+    client.track("user_1", "payment_failed", occurred_at=when)
+    client.track("user_1", "payment_failed")
+    await client.aclose()
+    stats = client.stats()
+    assert (stats.delivered, stats.delivery_delay_p50, stats.delivery_delay_p99) == (2, 0.0, 60.0)
+
+
+async def test_clients_on_one_provider_add_up_and_a_collected_one_still_counts(
+    settings: dict[str, Any], provider: MeterProvider, reader: InMemoryMetricReader
+) -> None:
+    first = whisperr.AsyncClient(**settings, meter_provider=provider)
+    second = whisperr.AsyncClient(**settings, meter_provider=provider)
+    for _ in range(3):
+        first.track("user_1", "payment_failed")
+    for _ in range(5):
+        second.track("user_2", "payment_failed")
+    assert value(read(reader), "whisperr.events.tracked") == 8
+    await first.aclose()
+    alive = weakref.ref(first)
+    del first
+    gc.collect()
+    assert alive() is None, "the metrics do not keep a client alive"
+    points = read(reader)
+    assert value(points, "whisperr.events.tracked") == 8  # a counter never goes down
+    assert value(points, "whisperr.events.delivered") == 3
+    assert value(points, "whisperr.queue.events") == 5  # the second's queue alone
+    await second.aclose()
+
+
+def test_a_meter_provider_that_is_none_of_that_is_a_config_error(
+    settings: dict[str, Any],
+) -> None:
+    with pytest.raises(whisperr.ConfigError, match="meter_provider must be"):
+        whisperr.AsyncClient(**settings, meter_provider="prometheus")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import types
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import pytest
@@ -414,3 +414,31 @@ def test_a_mapping_that_fails_to_be_read_is_left_to_validation(mode: Any) -> Non
 def test_an_unknown_mode_is_refused() -> None:
     with pytest.raises(ValueError, match="mode"):
         guard("properties", {}, "drop")  # type: ignore[arg-type]
+
+
+class FreshValues(Mapping[str, Any]):
+    """A mapping that makes a new list at each read (as row views and lazy adapters do): the
+    lists of earlier reads are freed, and a later one may get their address."""
+
+    def __init__(self, data: dict[str, list[str]]) -> None:
+        self._data = data
+
+    def __getitem__(self, key: str) -> list[str]:
+        return [*self._data[key]]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+def test_values_made_at_each_read_are_each_scanned() -> None:
+    row = FreshValues({"a": ["nothing here"], "b": ["still nothing"], "c": ["mail jo@example.com"]})
+    with pytest.raises(InvalidEventError) as raised:
+        guard("properties", row, "raise")
+    assert raised.value.field == "properties.c[0]"
+    row = FreshValues({"a": ["jo@example.com", "A"], "b": ["x"], "c": ["bo@example.org", "C"]})
+    kept, removed = guard("properties", row, "drop_fields")
+    assert kept == {"a": ["A"], "b": ["x"], "c": ["C"]}
+    assert removed == ["properties.a[0]", "properties.c[0]"]

@@ -8,10 +8,11 @@ the :class:`Ledger` counts every fate. See the package's README for the layout.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, final
 
@@ -88,17 +89,21 @@ class AsyncClient:
         self._strict = s.strict
 
         self._ledger = ledger = Ledger(s.on_error)
+        # The runner's kick, once it exists; no part refers back to the client, so that the
+        # metrics can keep reading the parts of a client after it is collected.
+        kick: list[Callable[[], None]] = []
         self._intake = intake = Intake(
             max_size=s.max_queue_size,
             max_bytes=s.max_queue_bytes,
             drop_newest=s.overflow == "drop_newest",
             ledger=ledger,
-            wake=self._wake,
+            wake=lambda: kick[0](),
             disabled=s.disabled,
         )
         self._scheduler = Scheduler(s, intake, ledger, ev.encode_base_context(base))
         delivery = Delivery(s, ledger)
         self._runner = Runner(s, intake, self._scheduler, delivery, ledger)
+        kick.append(self._runner.kick)
         self._put = intake.put
         self._pid = os.getpid()
         self._hooks: Hooks | None = None
@@ -106,13 +111,16 @@ class AsyncClient:
             self._hooks = Hooks(s.before_send, s.pii, ledger, s.clock)
             self.track = self._track_through_hooks  # type: ignore[method-assign]
         if s.metrics_on:
-            metrics = Metrics(s.meter_provider, self.stats)
+            metrics = Metrics.of(s.meter_provider)
+            metrics.watch(
+                self,
+                functools.partial(
+                    _snapshot, ledger, intake, self._scheduler, self._runner, delays=False
+                ),
+            )
             delivery.on_request = metrics.request
             ledger.on_delivered = metrics.delivered
         _exit.register(self)
-
-    def _wake(self) -> None:
-        self._runner.kick()
 
     def _after_fork(self) -> None:
         """In a forked child: the parent's queue stays the parent's; start clean."""
@@ -280,8 +288,7 @@ class AsyncClient:
             self._ledger.count_identify()
             self._refuse_invalid(exc)
             return
-        self._ledger.count_identify()
-        self._put((external_user_id, None, self._clock(), body, ""), len(body))
+        self._intake.put_identify((external_user_id, None, self._clock(), body, ""), len(body))
 
     def _identify_body(
         self,
@@ -441,7 +448,13 @@ class AsyncClient:
         when ``before_send`` dropped it, its message id."""
         if self._hooks is not None:
             args, mid = self._hooks.event(
-                external_user_id, event_type, properties, context, occurred_at, message_id
+                external_user_id,
+                event_type,
+                properties,
+                context,
+                occurred_at,
+                message_id,
+                count_drop=False,  # the send's caller gets a Receipt saying so
             )
             if args is None:
                 return mid
@@ -548,30 +561,7 @@ class AsyncClient:
 
     def stats(self) -> Stats:
         """A frozen snapshot of the counters; from any thread."""
-        ledger, intake, scheduler = self._ledger, self._intake, self._scheduler
-        dropped = dict(ledger.dropped)
-        delays = sorted(ledger.delays.copy())  # copy(): one step, as the runner appends
-        return Stats(
-            tracked=intake.end + ledger.refused - ledger.identified,
-            identified=ledger.identified,
-            delivered=ledger.delivered,
-            dropped=sum(dropped.values()),
-            dropped_by_reason=dropped,
-            retried=ledger.retried,
-            queued=len(intake) + scheduler.retained_events,
-            queued_bytes=intake.bytes
-            + ITEM_OVERHEAD * (len(intake) + scheduler.retained_events)
-            + scheduler.retained_bytes,
-            in_flight=scheduler.in_flight_events,
-            batches_in_flight=len(scheduler.in_flight),
-            max_batch_bytes_learned=scheduler.body_limit.fits,
-            last_error=ledger.last_error,
-            sent=ledger.sent,
-            send_failed=ledger.send_failed,
-            sending=len(self._runner.sending),
-            delivery_delay_p50=_rank(delays, 0.50),
-            delivery_delay_p99=_rank(delays, 0.99),
-        )
+        return _snapshot(self._ledger, self._intake, self._scheduler, self._runner, delays=True)
 
     def _counts(self) -> tuple[int, int]:
         return self._ledger.delivered, sum(self._ledger.dropped.values())
@@ -596,3 +586,33 @@ def _rank(ordered: list[float], quantile: float) -> float | None:
     if not ordered:
         return None
     return ordered[max(0, math.ceil(quantile * len(ordered)) - 1)]
+
+
+def _snapshot(
+    ledger: Ledger, intake: Intake, scheduler: Scheduler, runner: Runner, *, delays: bool
+) -> Stats:
+    """One client's :class:`Stats`, from its parts (the metrics read it without the delays,
+    whose percentiles cost a sort)."""
+    dropped = dict(ledger.dropped)
+    ordered = sorted(ledger.delays.copy()) if delays else []  # copy(): one step
+    return Stats(
+        tracked=intake.end + ledger.refused - ledger.identified,
+        identified=ledger.identified,
+        delivered=ledger.delivered,
+        dropped=sum(dropped.values()),
+        dropped_by_reason=dropped,
+        retried=ledger.retried,
+        queued=len(intake) + scheduler.retained_events,
+        queued_bytes=intake.bytes
+        + ITEM_OVERHEAD * (len(intake) + scheduler.retained_events)
+        + scheduler.retained_bytes,
+        in_flight=scheduler.in_flight_events,
+        batches_in_flight=len(scheduler.in_flight),
+        max_batch_bytes_learned=scheduler.body_limit.fits,
+        last_error=ledger.last_error,
+        sent=ledger.sent,
+        send_failed=ledger.send_failed,
+        sending=len(runner.sending),
+        delivery_delay_p50=_rank(ordered, 0.50),
+        delivery_delay_p99=_rank(ordered, 0.99),
+    )

@@ -141,7 +141,7 @@ def encode_time(value: object) -> str:
 def encode_object(field: str, value: object) -> bytes:
     """Encode a mapping to JSON now, so later mutation by the caller cannot change it."""
     if type(value) is not dict:
-        value = _as_dict(field, value)
+        value = as_dict(field, value)
     try:
         encoded = orjson.dumps(value, encode_time, USER_JSON)
     except Exception as exc:  # orjson.JSONEncodeError is a TypeError; be safe with the rest
@@ -152,7 +152,7 @@ def encode_object(field: str, value: object) -> bytes:
     return b"%b" % encoded
 
 
-def _as_dict(field: str, value: object) -> dict[Any, Any]:
+def as_dict(field: str, value: object) -> dict[Any, Any]:
     """A plain ``dict`` copy of a mapping, else raise naming ``field``.
 
     Reading a mapping runs the caller's code (``keys``, ``__iter__``, ``__getitem__``; a
@@ -179,7 +179,7 @@ def base_context(sdk_name: str, sdk_version: str, app_version: str | None) -> di
 
 def encode_context(context: object, base: Mapping[str, str]) -> tuple[bytes, str | None]:
     """Merge the caller's context over ``base``; return it encoded and any ``$message_id``."""
-    own = context if type(context) is dict else _as_dict("context", context)
+    own = context if type(context) is dict else as_dict("context", context)
     try:  # a key's own __eq__, or another thread changing the caller's dict meanwhile
         merged = {**base, **own}
         message_id = merged.pop("$message_id", None)
@@ -441,7 +441,7 @@ _CHANNEL_KEYS = frozenset({"channel", "type", "address", "opted_in", "verified"}
 def _channel(index: int, spec: object) -> dict[str, object]:
     field = f"channels[{index}]"
     if type(spec) is not dict:
-        spec = _as_dict(field, spec)
+        spec = as_dict(field, spec)
     try:  # another thread may change the caller's dict meanwhile
         pairs = list(spec.items())
     except Exception as exc:

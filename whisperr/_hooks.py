@@ -44,50 +44,52 @@ class Hooks:
         self._hook_logged_at = -HOOK_LOG_EVERY
         self._logged_fields: set[str] = set()
 
-    def event(self, *args: Any) -> tuple[Args | None, str]:
+    def event(self, *args: Any, count_drop: bool = True) -> tuple[Args | None, str]:
         """Track's arguments after the hooks; or None and the ``$message_id`` of the event,
-        when ``before_send`` dropped it.
+        when ``before_send`` dropped it (counted as ``filtered`` if ``count_drop``: a send's
+        caller has the answer, and sends are counted apart).
 
         Raises:
-            InvalidEventError: with ``pii="raise"``, a property looks like contact details.
+            InvalidEventError: ``properties`` or ``context`` cannot be read as a mapping, or,
+                with ``pii="raise"``, a property looks like contact details.
         """
         uid, event_type, properties, context, occurred_at, message_id = args
         if self._before_send is not None:
+            # Read the caller's mappings once, as validation would: a read that fails is bad
+            # input, named; the hook gets shallow copies.
+            shown_properties = {} if properties is None else _readable("properties", properties)
+            shown_context = {} if context is None else _readable("context", context)
             if message_id is None:
-                given = context.get("$message_id") if isinstance(context, Mapping) else None
+                given = (
+                    shown_context.get("$message_id") if isinstance(shown_context, dict) else None
+                )
                 message_id = given if given is not None else ev.new_message_id()
             stamp, shown = None, None
             if occurred_at is None:
                 stamp = self._clock()
                 occurred_at = shown = ev.format_timestamp(stamp)
-            ok, changed = self._run_before_send(
+            if isinstance(shown_context, dict):
+                shown_context["$message_id"] = message_id
+            changed = self._run_before_send(
                 {
                     "external_user_id": uid,
                     "event_type": event_type,
                     "occurred_at": occurred_at,
-                    "properties": {} if properties is None else _copy(properties),
-                    "context": (
-                        {**(context or {}), "$message_id": message_id}
-                        if context is None or isinstance(context, Mapping)
-                        else context  # not a mapping: validation says so after the hook
-                    ),
+                    "properties": shown_properties,
+                    "context": shown_context,  # not a mapping: validation says so after
                 }
             )
-            if ok and changed is None:
-                self._ledger.filtered()
+            if changed is _DROPPED:
+                if count_drop:
+                    self._ledger.filtered()
                 return None, str(message_id)
-            if ok and changed is not None:
-                uid, event_type, properties = (
-                    changed.get("external_user_id"),
-                    changed.get("event_type"),
-                    changed.get("properties"),
-                )
-                context, message_id = changed.get("context"), None
-                if isinstance(context, Mapping) and len(context) == 1:
+            if changed is not None:
+                uid, event_type, properties, context, occurred_at = changed
+                message_id = None  # carried in the context, where the hook may have changed it
+                if type(context) is dict and len(context) == 1:
                     # Only the message id: the plain path takes it as message_id, faster.
                     message_id = context.get("$message_id")
                     context = None if message_id is not None else context
-                occurred_at = changed.get("occurred_at")
             if stamp is not None and (occurred_at is shown or occurred_at == shown):
                 occurred_at = ev.CaptureStamp(stamp)  # not parsed again: the capture time
         if self._pii is not None and isinstance(properties, Mapping):
@@ -111,18 +113,35 @@ class Hooks:
                 )
         return kept
 
-    def _run_before_send(self, event: dict[str, Any]) -> tuple[bool, Mapping[str, Any] | None]:
-        """Whether the hook worked, and what it returned."""
+    def _run_before_send(self, event: dict[str, Any]) -> Any:
+        """What the hook made of ``event``: its five fields read back (as for track's
+        arguments), ``_DROPPED`` for None, or None when it failed (the event goes on as it
+        came)."""
         assert self._before_send is not None
         try:
             result = self._before_send(event)
         except Exception:
             self._hook_failed("raised", exc_info=True)
-            return False, None
-        if result is None or isinstance(result, Mapping):
-            return True, result
-        self._hook_failed(f"returned a {type(result).__name__}, not a mapping or None")
-        return False, None
+            return None
+        if result is None:
+            return _DROPPED
+        if not isinstance(result, Mapping):
+            self._hook_failed(f"returned a {type(result).__name__}, not a mapping or None")
+            return None
+        try:  # the hook's own mapping: a read that fails is the hook failing
+            return tuple(
+                result.get(key)
+                for key in (
+                    "external_user_id",
+                    "event_type",
+                    "properties",
+                    "context",
+                    "occurred_at",
+                )
+            )
+        except Exception:
+            self._hook_failed("returned a mapping that could not be read", exc_info=True)
+            return None
 
     def _hook_failed(self, what: str, *, exc_info: bool = False) -> None:
         self._hook_failures += 1
@@ -139,6 +158,10 @@ class Hooks:
         )
 
 
-def _copy(value: Any) -> Any:
-    """A shallow dict copy of a mapping, for the hook to change; anything else as it is."""
-    return dict(value) if isinstance(value, Mapping) else value
+_DROPPED: Any = object()  # before_send returned None
+
+
+def _readable(field: str, value: Any) -> Any:
+    """A shallow dict copy of a mapping, for the hook to change (a read that fails raises
+    :class:`InvalidEventError` naming ``field``); anything else as it is."""
+    return ev.as_dict(field, value) if isinstance(value, Mapping) else value

@@ -38,6 +38,7 @@ class IntakeState(enum.Enum):
 
 _OPEN = IntakeState.OPEN
 _CLOSED = IntakeState.CLOSED
+_DISABLED = IntakeState.DISABLED
 
 
 class Intake:
@@ -109,6 +110,13 @@ class Intake:
                     self._wake()
                 return
         self._put_slowly(item, size)
+
+    def put_identify(self, item: ev.Item, size: int) -> None:
+        """:meth:`put` for an identify, counted apart from tracks once taken (queued, or
+        dropped by the overflow policy); a disabled client takes nothing."""
+        self.put(item, size)
+        if self.state is not _DISABLED:
+            self._ledger.count_identify()
 
     def _put_slowly(self, item: ev.Item, size: int) -> None:
         """:meth:`put` when the intake is not open or a bound is reached."""

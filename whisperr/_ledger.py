@@ -20,6 +20,7 @@ import attrs
 
 from ._config import OnError
 from ._events import Item
+from ._exit import app_signals
 from ._models import DeliveryReport, ReportType
 
 logger = logging.getLogger("whisperr")
@@ -111,7 +112,7 @@ class Ledger:
         self.delivered += count
         if items:
             stamps = list(map(_stamp, items))
-            self.delays.extend(map(at.__sub__, stamps))  # at - stamp, a C loop
+            self.delays.extend(map(float(at).__sub__, stamps))  # at - stamp, a C loop
             if self.on_delivered is not None:
                 self.on_delivered(at - min(stamps))
 
@@ -162,7 +163,8 @@ class Ledger:
             return
         token = in_hook.set(True)
         try:
-            result = self.on_error(report)
+            with app_signals():
+                result = self.on_error(report)
             if inspect.isawaitable(result):
                 if self.spawn is not None:
                     self.spawn(_await_hook, result)  # the task copies the context: in_hook

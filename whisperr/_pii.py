@@ -159,7 +159,7 @@ def guard(where: str, values: Mapping[str, Any], mode: Mode) -> tuple[Mapping[st
     if mode not in MODES:
         raise ValueError(f"mode must be 'raise' or 'drop_fields', got {mode!r:.200}")
     raising = mode == "raise"
-    found = _mapping(values, 1, raising, {id(values): _BUSY})
+    found = _mapping(values, 1, raising, {id(values): (values, _BUSY)})
     if found is None:
         return values, []
     kept, paths, kind = found
@@ -175,9 +175,11 @@ def guard(where: str, values: Mapping[str, Any], mode: Mode) -> tuple[Mapping[st
 # What a container's walk found: None when nothing tripped, else its copy without the tripping
 # strings (None when raising), their paths relative to it (".key", "[1]"), the first one's kind.
 _Found = tuple[Any, list[str], str] | None
-# Memo of one walk: id of a container walked, or being walked, -> what its walk found; so a
-# container shared by many fields is walked once, and one met inside itself is not followed.
-_Memo = dict[int, Any]
+# Memo of one walk: id of a container walked, or being walked, -> the container and what its
+# walk found; so a container shared by many fields is walked once, and one met inside itself
+# is not followed. The container is kept with its id: a mapping that makes its values on each
+# read would otherwise free them, and a later value could get a freed one's id.
+_Memo = dict[int, tuple[Any, Any]]
 _BUSY: Any = object()
 # Types whose values are skipped at once, not run through isinstance() against an ABC.
 _SCALARS = frozenset({int, float, bool, type(None)})
@@ -269,12 +271,12 @@ def _child(
         return None
     key = id(obj)
     if key in memo:
-        done: _Found = memo[key]
+        done: _Found = memo[key][1]
         return None if done is _BUSY else done
-    memo[key] = _BUSY
+    memo[key] = (obj, _BUSY)
     if isinstance(obj, Mapping):
         found = _mapping(obj, depth + 1, raising, memo)
     else:
         found = _sequence(obj, depth + 1, raising, memo)
-    memo[key] = found
+    memo[key] = (obj, found)
     return found

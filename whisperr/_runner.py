@@ -20,7 +20,6 @@ import contextlib
 import enum
 import functools
 import logging
-import signal
 import socket
 import sys
 import threading
@@ -37,6 +36,7 @@ import anyio.lowlevel
 import attrs
 import httpx
 
+from . import _exit
 from ._batches import Batch
 from ._config import Settings
 from ._delivery import Delivery
@@ -124,33 +124,6 @@ class _OwnLoop(asyncio.SelectorEventLoop):
 def _own_loop() -> tuple[Schedule, asyncio.AbstractEventLoop]:
     loop = _OwnLoop()
     return loop.call_soon_threadsafe, loop
-
-
-# The signals the own thread blocks: all that can be, but those a fault raises in the faulting
-# thread. The kernel hands a process-directed signal to any thread that does not block it, and
-# CPython then runs the Python handler in the main thread at once, even where the main thread
-# blocks that signal. billiard (Celery's prefork pool) blocks SIGTERM while a child writes to
-# the pool's result queue, because a handler run there leaves the queue locked and the pool
-# wedged: an unblocked thread of ours in the child would defeat that.
-_UNBLOCKED = {"SIGKILL", "SIGSTOP", "SIGSEGV", "SIGBUS", "SIGFPE", "SIGILL", "SIGABRT", "SIGTRAP"}
-_BLOCKED = (
-    {s for s in signal.valid_signals() if getattr(s, "name", "") not in _UNBLOCKED}
-    if hasattr(signal, "pthread_sigmask")
-    else set()
-)
-
-
-def _start_blocking_signals(thread: threading.Thread) -> None:
-    """Start ``thread`` with the signals of ``_BLOCKED`` blocked from its first instruction on
-    (a new thread inherits its creator's mask; the creator's own is restored at once)."""
-    if not _BLOCKED:  # Windows: no signal masks, and no fork
-        thread.start()
-        return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _BLOCKED)
-    try:
-        thread.start()
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 class Runner:
@@ -274,11 +247,8 @@ class Runner:
         assert loop is not None
         if self.state is RunnerState.IDLE:
             self.state = RunnerState.RUNNING
-        thread = threading.Thread(
-            target=self._run_own, args=(host, None), name="whisperr-delivery", daemon=True
-        )
         try:
-            _start_blocking_signals(thread)
+            _exit.start_blocking_signals("whisperr-delivery", self._run_own, host, None)
         except RuntimeError:  # the interpreter is exiting: the exit hook serves on its thread
             self._no_host()
             loop.close()
