@@ -45,10 +45,16 @@ async def serve(
         on_ready: Called with the base URL (`http://127.0.0.1:54321`) once listening.
     """
     connections: set[asyncio.Task[object]] = set()
+    handlers: set[asyncio.Task[object]] = set()  # the streams' callbacks, each awaiting one
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         # The connection runs in its own task so that stopping can cancel it while this
-        # callback still ends normally (asyncio 3.11 logs callbacks that end cancelled).
+        # callback still ends normally (asyncio 3.11 logs callbacks that end cancelled, and
+        # 3.12.1 logs a traceback for one cancelled).
+        handler = asyncio.current_task()
+        if handler is not None:
+            handlers.add(handler)
+            handler.add_done_callback(handlers.discard)
         task = asyncio.create_task(_Connection(app, reader, writer).run())
         connections.add(task)
         task.add_done_callback(connections.discard)
@@ -66,6 +72,9 @@ async def serve(
         for task in connections:
             task.cancel()
         await asyncio.gather(*connections, return_exceptions=True)
+        # Let the callbacks end on their own (their connection ended), before the loop's own
+        # clean-up would cancel them.
+        await asyncio.gather(*handlers, return_exceptions=True)
         await server.wait_closed()
 
 
