@@ -205,9 +205,13 @@ def check_message_id(value: object, field: str = "message_id") -> str:
     return text
 
 
-# Message ids are made 256 at a time from one read of the OS's random source: unlike the
-# random module they cannot repeat after random.seed(); the buffer is emptied in a forked child.
+# Message ids are made in bulk from one read of the OS's random source (unlike the random
+# module they cannot repeat after random.seed()); the pool is emptied in a forked child. The
+# runner tops the pool up between batches (``top_up_ids``), off the callers' path; a caller
+# that finds it empty (a burst faster than the runner runs) makes a few only.
 ready_ids: list[str] = []
+POOL_SIZE = 1024  # what top_up_ids() fills the pool to
+_CALLER_REFILL = 16  # what a caller that found the pool empty makes
 
 
 # The version (4) and variant (10xx) bits of a UUID, set by byte translation tables; the hex
@@ -215,6 +219,13 @@ ready_ids: list[str] = []
 _VERSION = bytes((b & 0x0F) | 0x40 for b in range(256))
 _VARIANT = bytes((b & 0x3F) | 0x80 for b in range(256))
 _UUID_GROUPS = re.compile(r"(.{8})(.{4})(.{4})(.{4})(.{12})")
+
+
+def _fresh_ids(count: int) -> list[str]:
+    raw = bytearray(os.urandom(16 * count))
+    raw[6::16] = raw[6::16].translate(_VERSION)
+    raw[8::16] = raw[8::16].translate(_VARIANT)
+    return list(map("-".join, _UUID_GROUPS.findall(raw.hex())))
 
 
 def new_message_id() -> str:
@@ -228,13 +239,17 @@ def new_message_id() -> str:
     try:
         return ready_ids.pop()
     except IndexError:
-        raw = bytearray(os.urandom(16 * 256))
-        raw[6::16] = raw[6::16].translate(_VERSION)
-        raw[8::16] = raw[8::16].translate(_VARIANT)
-        fresh = list(map("-".join, _UUID_GROUPS.findall(raw.hex())))
+        fresh = _fresh_ids(_CALLER_REFILL)
         mine = fresh.pop()
         ready_ids.extend(fresh)
         return mine
+
+
+def top_up_ids() -> None:
+    """Fill the pool to ``POOL_SIZE`` (the runner, between batches), if it is below half."""
+    missing = POOL_SIZE - len(ready_ids)
+    if missing > POOL_SIZE // 2:
+        ready_ids.extend(_fresh_ids(missing))
 
 
 if hasattr(os, "register_at_fork"):

@@ -36,6 +36,7 @@ import anyio.lowlevel
 import attrs
 import httpx
 
+from . import _events as ev
 from . import _exit
 from ._batches import Batch
 from ._config import Settings
@@ -362,6 +363,9 @@ class Runner:
                             await self._deliver(host, http, batch)
                         else:
                             tg.start_soon(self._deliver, host, http, batch)
+                            # One batch taken and encoded at a time: the app's own tasks run
+                            # between two, so a deep queue never holds the loop for long.
+                            await anyio.lowlevel.checkpoint()
                 finally:
                     self._ledger.spawn = None
                     host.serving = False
@@ -404,6 +408,7 @@ class Runner:
         while True:
             if self._sends and host.start_sends is not None:
                 host.start_sends()
+            ev.top_up_ids()  # here, not on a caller's track() path
             now = time.monotonic()
             if ledger.capture_drops_pending and (
                 now >= self._next_capture_report or self.state is RunnerState.CLOSING
