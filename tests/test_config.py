@@ -195,6 +195,12 @@ WRONG_TYPES: list[tuple[str, object]] = [
     ("proxy", b"http://user:pw@127.0.0.1:3128"),
     ("verify", 1),
     ("verify", None),
+    ("spool_path", 1),
+    ("spool_path", ""),
+    ("spool_mode", "sometimes"),
+    ("spool_mode", True),
+    ("spool_max_bytes", "1gb"),
+    ("spool_sync_interval", "0.2"),
     ("http_client", httpx.MockTransport(print)),  # a transport where the client goes
     ("http_client", "https://api.example.com"),
     ("transport", httpx.BaseTransport()),  # a sync transport
@@ -320,6 +326,10 @@ def test_every_environment_variable_parses_to_its_fields_type(tmp_path: Any) -> 
         "WHISPERR_VERIFY": str(tmp_path),
         "WHISPERR_PII": "drop_fields",
         "WHISPERR_METRICS": "false",
+        "WHISPERR_SPOOL_PATH": str(tmp_path / "spool.db"),
+        "WHISPERR_SPOOL_MODE": "always",
+        "WHISPERR_SPOOL_MAX_BYTES": "1000000",
+        "WHISPERR_SPOOL_SYNC_INTERVAL": "0.5",
     }
     assert {name[len("WHISPERR_") :].lower() for name in env} == set(_ENV_FIELDS)
     s = whisperr.Settings.from_env(env)
@@ -331,6 +341,12 @@ def test_every_environment_variable_parses_to_its_fields_type(tmp_path: Any) -> 
         "https://gw.example.com/whisperr",
     )
     assert whisperr.Settings.from_env(env | {"WHISPERR_PII": ""}).pii is None
+    assert (s.spool_path, s.spool_mode, s.spool_max_bytes, s.spool_sync_interval) == (
+        str(tmp_path / "spool.db"),
+        "always",
+        1_000_000,
+        0.5,
+    )
 
 
 def test_settings_args_has_every_field_with_its_type() -> None:

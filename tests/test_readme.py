@@ -869,6 +869,64 @@ def test_contains_verbatim() -> None:
     assert not contains_verbatim("def f():\n  return 1\n\nx = f()\n", code)
 
 
+@drives("A durable spool on disk #1")
+@drives("A durable spool on disk #2")
+def test_spool(api: Api, tmp_path: Path) -> None:
+    """The block run while the API is down spools its event; run again with the API up it
+    delivers both, the spooled one first. The tool's commands then run on that file (after one
+    more event was spooled): it shows it, replays it, exports and purges."""
+    block = readme_block("A durable spool on disk #1")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        down = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    script = save(block, tmp_path / "spool_block.py")
+
+    def run(base_url: str) -> subprocess.CompletedProcess[str]:
+        env = base_env(WHISPERR_API_KEY=API_KEY, WHISPERR_BASE_URL=base_url)
+        return subprocess.run(
+            [sys.executable, "-W", "error", str(script)],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT,
+        )  # fmt: skip
+
+    first = run(down)
+    assert first.returncode == 0, first
+    assert first.stdout == "delivered=0 spooled=1 replayed=0\n", first
+    assert (tmp_path / "whisperr-spool.db").stat().st_mode & 0o777 == 0o600
+    second = run(api.url)
+    assert second.returncode == 0, second
+    assert second.stdout == "delivered=2 spooled=0 replayed=1\n", second
+    assert api.signals() == [("user_8842", "payment_failed", {"amount_cents": 4900})] * 2
+    ordered = sorted(api.stored()["events"], key=lambda e: str(e["occurred_at"]))
+    assert len({e["context"]["$message_id"] for e in ordered}) == 2
+
+    api.http.post("/_local/reset")
+    assert run(down).returncode == 0  # one event in the file again
+    outputs = []
+    for command in console_commands(readme_block("A durable spool on disk #2")):
+        words = shlex.split(command)
+        assert words[:3] == ["python", "-m", "whisperr.spool"], command
+        stdout = None
+        if ">" in words:
+            stdout = (tmp_path / words[-1]).open("w")
+            words = words[: words.index(">")]
+        try:
+            done = subprocess.run(
+                [sys.executable, *words[1:]],
+                cwd=tmp_path, env=api.env(), stdout=stdout or subprocess.PIPE,
+                stderr=subprocess.PIPE, text=True, timeout=RUN_TIMEOUT,
+            )  # fmt: skip
+        finally:
+            if stdout is not None:
+                stdout.close()
+        assert done.returncode == 0, f"{command}: {done}"
+        assert API_KEY not in (done.stdout or "") + done.stderr
+        outputs.append(done.stdout or "")
+    assert re.search(r"^events: 1$", outputs[0], re.M), outputs[0]  # shown
+    assert len(api.stored()["events"]) == 1  # replayed
+    assert (tmp_path / "spooled.jsonl").read_text() == ""  # exported: nothing left after it
+    assert outputs[3].strip() == "purged 0 events", outputs[3]
+
+
 @drives("The bundled local server #1")
 def test_local_server_commands(tmp_path: Path) -> None:
     """The server's commands run (on a free port), and an app pointed at it delivers there."""

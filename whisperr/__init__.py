@@ -6,7 +6,6 @@ async with whisperr.AsyncClient(api_key="wrk_...") as client:
 
 from __future__ import annotations
 
-import inspect as _inspect
 import types as _types
 import typing as _typing
 
@@ -82,7 +81,7 @@ def _present_as_public(classes: list[type]) -> None:
     globals; a class whose annotations cannot be evaluated keeps them as they are.
     """
     for cls in classes:
-        own = _inspect.get_annotations(cls)
+        own = cls.__dict__.get("__annotations__", {})  # its own, as inspect.get_annotations
         if own:
             try:
                 hints = _typing.get_type_hints(cls, include_extras=True)

@@ -26,6 +26,8 @@ class Batch:
     which ``flush()`` compares with its target; ``retained_round`` is the flush round in which
     it was last kept after a failure, ``failure`` the reason it would be dropped with and
     ``last_failure`` what its last attempt met. ``half``: split from a batch answered 413.
+    ``spooled``: its events are in the spool file (replayed, or journaled with
+    ``spool_mode="always"``), to be deleted from it once settled.
     """
 
     items: list[ev.Item]
@@ -36,6 +38,7 @@ class Batch:
     failure: str = "shutdown"
     last_failure: str = ""
     half: bool = False
+    spooled: bool = False
 
     @property
     def message_ids(self) -> tuple[str, ...]:
@@ -52,9 +55,10 @@ class Batch:
         """The batch split in two, for a server that answered 413."""
         mid, first = len(self.items) // 2, self.first
         items, bodies = self.items, self.bodies
+        spooled = self.spooled
         return (
-            Batch(items[:mid], bodies[:mid], identify=False, first=first, half=True),
-            Batch(items[mid:], bodies[mid:], identify=False, first=first + mid, half=True),
+            Batch(items[:mid], bodies[:mid], False, first, half=True, spooled=spooled),
+            Batch(items[mid:], bodies[mid:], False, first + mid, half=True, spooled=spooled),
         )
 
     def cut(self, max_bytes: int) -> list[Batch]:
@@ -72,6 +76,7 @@ class Batch:
                     self.bodies[start:end],
                     identify=False,
                     first=self.first + start,
+                    spooled=self.spooled,
                 )
             )
             used = ends[end - 1]

@@ -8,6 +8,7 @@ the :class:`Ledger` counts every fate. See the package's README for the layout.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -39,6 +40,8 @@ if sys.version_info >= (3, 11):
     from typing import Unpack
 elif TYPE_CHECKING:  # typing_extensions is no dependency: the annotations are never evaluated
     from typing_extensions import Unpack
+if TYPE_CHECKING:
+    from ._spooler import Spooler
 
 # Slack under the byte cap for the envelope and the fields around properties and context: the
 # keys, the stamp, an event type (at most 255 characters) and a generated message id.
@@ -105,6 +108,9 @@ class AsyncClient:
         self._runner = Runner(s, intake, self._scheduler, delivery, ledger)
         kick.append(self._runner.kick)
         self._put = intake.put
+        self._spooler: Spooler | None = None
+        if s.spool_path is not None and not s.disabled:
+            self._open_spool(s, intake, ledger)
         self._pid = os.getpid()
         self._hooks: Hooks | None = None
         if s.before_send is not None or s.pii is not None:
@@ -122,12 +128,43 @@ class AsyncClient:
             ledger.on_delivered = metrics.delivered
         _exit.register(self)
 
+    def _open_spool(self, s: Settings, intake: Intake, ledger: Ledger) -> None:
+        """With ``spool_path``: overflow and what is left at close go to the file, and what
+        the file holds is replayed from now on (``spool_mode="always"``: every event goes to
+        it, from the spool's worker thread)."""
+        from ._spooler import Spooler  # sqlite3 only for those who spool
+
+        spooler = Spooler.open(s, ledger)
+        if spooler is None:
+            return  # logged: the client runs on memory only
+        self._spooler = self._scheduler.spooler = spooler
+        spooler.wake_runner = self._runner.kick
+        intake.spill = spooler.spill_overflow
+        if spooler.always:
+            put, journal = intake.put, spooler.journal
+
+            def put_journaled(item: ev.Item, size: int) -> None:
+                # Journaled first: a runner on another thread may deliver it (and have it
+                # deleted from the file) as soon as it is queued.
+                journal.append(item)
+                try:
+                    put(item, size)
+                except ClientClosedError:
+                    with contextlib.suppress(ValueError):  # else written: the next client sends it
+                        journal.remove(item)  # rare: closed meanwhile
+                    raise
+
+            self._put = put_journaled
+        spooler.ask_claim()  # what an earlier process left: the worker wakes the runner
+
     def _after_fork(self) -> None:
         """In a forked child: the parent's queue stays the parent's; start clean."""
         self._ledger.reset()
         self._intake.reset()
         self._scheduler.reset()
         self._runner.after_fork()
+        if self._spooler is not None:
+            self._spooler.after_fork()
         self._pid = os.getpid()
 
     def _close_at_exit(self) -> None:
@@ -598,6 +635,8 @@ def _snapshot(
     return Stats(
         tracked=intake.end + ledger.refused - ledger.identified,
         identified=ledger.identified,
+        spooled=ledger.spooled,
+        replayed=ledger.replayed,
         delivered=ledger.delivered,
         dropped=sum(dropped.values()),
         dropped_by_reason=dropped,

@@ -33,6 +33,8 @@ DEFAULT_MAX_QUEUE_SIZE = 100_000
 # About 64 MB of queued events: a full default queue of small events stays well below it; a
 # queue of large events during an outage stops growing there.
 DEFAULT_MAX_QUEUE_BYTES = 64 * 1024 * 1024
+DEFAULT_SPOOL_MAX_BYTES = 256 * 1024 * 1024
+DEFAULT_SPOOL_SYNC_INTERVAL = 0.2
 DEFAULT_MAX_RETRIES = 6
 DEFAULT_BACKOFF_BASE = 0.5
 DEFAULT_BACKOFF_CAP = 30.0
@@ -41,6 +43,7 @@ DEFAULT_SHUTDOWN_TIMEOUT = 10.0
 DEFAULT_MAX_CONCURRENCY = 16
 
 Overflow = Literal["drop_oldest", "drop_newest"]
+SpoolMode = Literal["on_failure", "always"]
 Pii = Literal["raise", "drop_fields"]
 # The before_send hook: the event as a mapping with the wire's keys; it returns the event to
 # capture (the same mapping changed, or another) or None to drop it.
@@ -233,6 +236,15 @@ class Settings:
     trust_env: bool = attrs.field(default=_env("trust_env", True), validator=_BOOL)
     proxy: str | None = attrs.field(default=_env("proxy", None))
     verify: bool | str | ssl.SSLContext = attrs.field(default=_env("verify", True))
+    spool_path: str | os.PathLike[str] | None = attrs.field(default=_env("spool_path", None))
+    spool_mode: SpoolMode = attrs.field(default=_env("spool_mode", "on_failure"))
+    spool_max_bytes: int = attrs.field(
+        default=_env("spool_max_bytes", DEFAULT_SPOOL_MAX_BYTES), validator=[_INT, _positive]
+    )
+    spool_sync_interval: float = attrs.field(
+        default=_env("spool_sync_interval", DEFAULT_SPOOL_SYNC_INTERVAL),
+        validator=[_SECONDS, _positive],
+    )
     http_client: httpx.AsyncClient | None = attrs.field(
         default=None, validator=_of_type(httpx.AsyncClient, "an httpx.AsyncClient", optional=True)
     )
@@ -339,6 +351,21 @@ class Settings:
                 f"({type(value).__name__})"
             )
 
+    @spool_path.validator
+    def _check_spool_path(self, attribute: attrs.Attribute[Any], value: object) -> None:
+        if value is not None and (not isinstance(value, (str, os.PathLike)) or not str(value)):
+            raise ConfigError(
+                f"spool_path must be a file path (str or os.PathLike) or None, got {value!r:.200}"
+            )
+
+    @spool_mode.validator
+    def _check_spool_mode(self, attribute: attrs.Attribute[Any], value: object) -> None:
+        if value not in ("on_failure", "always"):
+            raise ConfigError(
+                f"spool_mode must be 'on_failure' or 'always', got {value!r:.200} "
+                f"({type(value).__name__})"
+            )
+
     @pii.validator
     def _check_pii(self, attribute: attrs.Attribute[Any], value: object) -> None:
         if value not in (None, "raise", "drop_fields"):
@@ -417,6 +444,10 @@ class KeylessSettingsArgs(TypedDict, total=False):
     trust_env: bool
     proxy: str | None
     verify: bool | str | ssl.SSLContext
+    spool_path: str | os.PathLike[str] | None
+    spool_mode: SpoolMode
+    spool_max_bytes: int
+    spool_sync_interval: float
     http_client: httpx.AsyncClient | None
     transport: httpx.AsyncBaseTransport | None
     clock: Callable[[], float]
@@ -459,4 +490,8 @@ _ENV_FIELDS: dict[str, Callable[[str], Any]] = {
     "verify": _verify,
     "pii": lambda raw: raw or None,
     "metrics": _bool,
+    "spool_path": lambda raw: raw or None,
+    "spool_mode": str,
+    "spool_max_bytes": int,
+    "spool_sync_interval": float,
 }

@@ -81,10 +81,12 @@ _BLOCKED = (
 _blocking: set[int] = set()  # idents of the threads started by start_blocking_signals()
 
 
-def start_blocking_signals(name: str, target: Callable[..., object], *args: object) -> None:
+def start_blocking_signals(
+    name: str, target: Callable[..., object], *args: object
+) -> threading.Thread:
     """Run ``target(*args)`` on a new daemon thread with ``_BLOCKED`` blocked from its first
     instruction on (a new thread inherits its creator's mask; the creator's own is restored at
-    once).
+    once); the thread, started.
 
     Raises:
         RuntimeError: the interpreter is exiting, and no thread may start.
@@ -100,12 +102,13 @@ def start_blocking_signals(name: str, target: Callable[..., object], *args: obje
     thread = threading.Thread(target=run, name=name, daemon=True)
     if not _BLOCKED:  # Windows: no signal masks, and no fork
         thread.start()
-        return
+        return thread
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, _BLOCKED)
     try:
         thread.start()
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    return thread
 
 
 @contextlib.contextmanager

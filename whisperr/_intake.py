@@ -73,6 +73,9 @@ class Intake:
         self._ledger = ledger
         self._wake = wake
         self._initial = IntakeState.DISABLED if disabled else _OPEN
+        # With a spool: where an event the bounds leave no room for goes instead of being
+        # dropped (``queued``: it had been queued); from the putting thread.
+        self.spill: Callable[[ev.Item, bool], None] | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -130,7 +133,7 @@ class Intake:
     def _make_room(self, item: ev.Item, size: int) -> bool:
         """Apply the overflow policy; False when ``item`` itself is the one dropped."""
         if self._drop_newest or size > self._max_bytes:
-            self._dropped(item[4], queued=False)
+            self._dropped(item, queued=False)
             return False
         with self.lock:
             queue = self.queue
@@ -138,13 +141,15 @@ class Intake:
                 oldest = queue.popleft()
                 self.head += 1
                 self.bytes -= item_bytes(oldest)
-                self._dropped(oldest[4], queued=True)
+                self._dropped(oldest, queued=True)
             if not queue:
                 self.bytes = 0
         return True
 
-    def _dropped(self, message_id: str, *, queued: bool) -> None:
-        if self._ledger.drop_at_capture("queue_overflow", message_id, queued=queued):
+    def _dropped(self, item: ev.Item, *, queued: bool) -> None:
+        if self.spill is not None and item[1] is not None:  # identifies are never spooled
+            self.spill(item, queued)
+        elif self._ledger.drop_at_capture("queue_overflow", item[4], queued=queued):
             self._wake()
 
     def _retract(self, item: ev.Item) -> None:

@@ -47,6 +47,8 @@ class Ledger:
     send_failed: int = 0  # sends that raised SendError
     refused: int = 0  # dropped at capture, never queued: invalid (strict=False) or overflow
     identified: int = 0  # identify() calls taken (queued or refused): counted apart from tracks
+    spooled: int = 0  # handed to the spool undelivered, for a later client to replay
+    replayed: int = 0  # taken from the spool by this client (then delivered, dropped or spooled)
     dropped: Counter[str] = attrs.field(factory=Counter)
     last_error: DeliveryReport | None = None
     spawn: Callable[..., object] | None = None
@@ -59,7 +61,7 @@ class Ledger:
     def reset(self) -> None:
         """Zero every counter (in a forked child: the parent's events are the parent's)."""
         self.delivered = self.retried = self.refused = self.sent = self.send_failed = 0
-        self.identified = 0
+        self.identified = self.spooled = self.replayed = 0
         self.dropped = Counter()
         self.last_error = None
         self.spawn = None
@@ -84,6 +86,23 @@ class Ledger:
         """Count an identify() call that passed the call site (queued, or refused)."""
         with self._lock:
             self.identified += 1
+
+    def spool(self, count: int, *, refused: bool = False) -> None:
+        """Count events handed to the spool instead of being dropped (any thread);
+        ``refused``: one that was never queued (an overflow with drop_newest)."""
+        with self._lock:
+            self.spooled += count
+            self.refused += refused
+
+    def unspool(self, count: int) -> None:
+        """Events counted spooled that the spool could not take (they are dropped next)."""
+        with self._lock:
+            self.spooled -= count
+
+    def replay(self, count: int) -> None:
+        """Count events taken from the spool to be delivered by this client."""
+        with self._lock:
+            self.replayed += count
 
     def filtered(self) -> None:
         """Count an event that ``before_send`` dropped: counted, never reported or logged."""

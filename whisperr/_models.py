@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 import attrs
 
-ReportType = Literal["auth", "retry_exhausted", "dropped", "retrying"]
+ReportType = Literal["auth", "retry_exhausted", "dropped", "retrying", "spooled"]
 
 
 @attrs.frozen
@@ -17,7 +17,9 @@ class DeliveryReport:
 
     Attributes:
         type: ``"auth"`` (key rejected; events kept), ``"retry_exhausted"`` (retries used up;
-            events kept for a later attempt) or ``"dropped"`` (events will never be delivered);
+            events kept for a later attempt), ``"dropped"`` (events will never be delivered) or
+            ``"spooled"`` (with ``spool_path``: not delivered by this client, kept in the spool
+            file for a later one; ``reason`` says why: ``"shutdown"``, ``"queue_overflow"``...);
             ``"retrying"`` only in ``stats().last_error``: an attempt failed and is retried
             (never handed to ``on_error``).
         reason: a finer cause, for example ``"unauthorized"``, ``"server_error"``,
@@ -60,6 +62,11 @@ class Stats:
     delivery) summarise the last 4,096 delivered events: from each one's ``occurred_at`` to the
     server's acknowledgement (an ``occurred_at`` you passed counts from that time).
     ``dropped_by_reason["filtered"]`` counts the events ``before_send`` dropped.
+
+    With a spool (``spool_path``): ``spooled`` counts the events this client left in the spool
+    file undelivered (queue overflow, what was left at close) and ``replayed`` the events it
+    took from the file, written by an earlier client or another process. After ``aclose()``:
+    ``tracked + identified + replayed == delivered + dropped + spooled``.
     """
 
     tracked: int
@@ -79,6 +86,8 @@ class Stats:
     delivery_delay_p50: float | None = None
     delivery_delay_p99: float | None = None
     identified: int = 0
+    spooled: int = 0
+    replayed: int = 0
 
 
 @attrs.frozen

@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -47,11 +47,15 @@ from ._schedule import Scheduler
 from ._send import SendJob
 from ._signal import Schedule, Signal, loop_here
 
+if TYPE_CHECKING:
+    from ._spooler import Spooler
+
 logger = logging.getLogger("whisperr")
 
 FINAL_HOOK_BUDGET = 1.0  # seconds an async on_error hook may take over the reports at close
 CANCEL_GRACE = FINAL_HOOK_BUDGET + 1.0  # after a cancel, the final reports and the pool close
 LINGER = 5.0  # seconds the own thread stays idle before it ends (a later track() restarts it)
+CLAIM_POLL = 0.02  # seconds between two looks at a claim of the spool's worker under way
 
 
 class Ending(enum.Enum):
@@ -410,6 +414,8 @@ class Runner:
                 host.start_sends()
             ev.top_up_ids()  # here, not on a caller's track() path
             now = time.monotonic()
+            if scheduler.spooler is not None:
+                self._replay(scheduler.spooler, now)
             if ledger.capture_drops_pending and (
                 now >= self._next_capture_report or self.state is RunnerState.CLOSING
             ):
@@ -419,16 +425,28 @@ class Runner:
             batch = scheduler.ready_batch(now, self.state is RunnerState.CLOSING)
             if batch is not None:
                 return batch
-            if self.state is RunnerState.CLOSING and scheduler.drained(now):
+            claiming = scheduler.spooler is not None and scheduler.spooler.claiming
+            if self.state is RunnerState.CLOSING and scheduler.drained(now) and not claiming:
                 return None
             deadline = scheduler.next_deadline(now)
             if ledger.capture_drops_pending:
                 report_in = max(self._next_capture_report - now, 0.0)
                 deadline = report_in if deadline is None else min(deadline, report_in)
+            if claiming:  # the spool's worker wakes the runner only when it found events
+                deadline = CLAIM_POLL if deadline is None else min(deadline, CLAIM_POLL)
             lingering = host.own and deadline is None and self._idle()
             woken = await self._wait(host, LINGER if lingering else deadline)
             if lingering and not woken and self._idle() and self.state is RunnerState.RUNNING:
                 return None  # idle on the own thread: end it; the next track() starts another
+
+    def _replay(self, spooler: Spooler, now: float) -> None:
+        """Take what the spool's worker claimed; ask for more once it is on its way."""
+        scheduler = self._scheduler
+        claimed = spooler.take_claimed()
+        if claimed:
+            scheduler.replay(claimed, now)
+        if self.state is not RunnerState.CLOSED and not scheduler.replaying():
+            spooler.ask_claim()  # the worker wakes the runner (kick) when it has them
 
     def _idle(self) -> bool:
         return self._scheduler.idle() and not (self.sending or self._sends)
@@ -490,6 +508,8 @@ class Runner:
                     if http is not None:
                         host.start_sends = functools.partial(self._start_sends, tg, host, http)
                     self._scheduler.account_undelivered()
+                    if self._scheduler.spooler is not None:
+                        self._scheduler.spooler.close()  # the last writes, on this thread
                     self._ledger.report_capture_drops()
         finally:
             self._ledger.spawn = None
@@ -596,8 +616,12 @@ class Runner:
         host = self._host
         if host is not None and not host.own and host.loop and not host.loop.is_running():
             self._forget(host)  # a caller's loop that will not run again
+        spooler = self._scheduler.spooler
         busy = self._host is not None or not self._scheduler.idle()
+        busy = busy or (spooler is not None and spooler.replay_due())
         if not busy and not self._ledger.capture_drops_pending:
+            if spooler is not None:
+                spooler.close()  # its deletions, and this client's claims
             return
         self.close_blocking(self._settings.shutdown_timeout)
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import deque
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import attrs
 
-from ._batches import Batch
+from ._batches import Batch, take_batch
 from ._config import Settings
 from ._events import Item
 from ._intake import NEVER, Intake, bytes_of
@@ -22,6 +24,9 @@ from ._ledger import Ledger, events
 from ._models import ReportType
 from ._signal import Signal
 from ._transport import Outcome, backoff
+
+if TYPE_CHECKING:
+    from ._spooler import Spooler
 
 logger = logging.getLogger("whisperr")
 
@@ -169,6 +174,7 @@ class Scheduler:
         self._intake = intake
         self._base_context = base_context
         self.ledger = ledger
+        self.spooler: Spooler | None = None  # set by the client with spool_path
         # What the server's 413s taught; kept in a forked child, which talks to the same server.
         self.body_limit = BodyLimit(settings.max_batch_bytes)
         self.reset()
@@ -224,6 +230,8 @@ class Scheduler:
         intake = self._intake
         if not len(intake):
             return None
+        if self.spooler is not None and self.spooler.holds_queue(now):
+            return None  # what the spool holds goes first: its claim comes back in a moment
         urgent = self.urgent(closing)
         # Kept batches go first, after their pause; a flush or close still gives the queue its
         # attempt, unless a kept identify must stay ahead of the tracks queued after it.
@@ -242,6 +250,8 @@ class Scheduler:
                 self._timer_start = None
             if taken is None:
                 return None
+            if self.spooler is not None and self.spooler.always:
+                taken.spooled = True  # journaled: deleted from the file once settled
             first, *rest = self.body_limit.pieces(taken, now)
             for piece in rest:
                 self.retain(piece, front=True)  # sent next, before the queue
@@ -295,6 +305,11 @@ class Scheduler:
         """What the last attempt's ``outcome`` means for ``batch`` (None: cut off, kept)."""
         self._land(batch)
         count = len(batch.items)
+        settled = outcome is not None and (
+            outcome.kind in ("ok", "drop") or (outcome.kind == "too_large" and count == 1)
+        )
+        if settled and batch.spooled and self.spooler is not None:
+            self.spooler.forget(batch.message_ids)  # settled for good: out of the file
         if outcome is None:
             self.retain(batch)
         elif outcome.kind == "ok":
@@ -390,20 +405,91 @@ class Scheduler:
                 self.barriers.remove(waiter)
                 waiter.done.set()
 
+    # -- the spool -----------------------------------------------------------------------
+
+    def replaying(self) -> bool:
+        """Whether events from the spool wait to be sent (they go before the queue)."""
+        return any(b.spooled and b.first < 0 for b in self.retained)
+
+    def replay(self, items: list[Item], now: float) -> None:
+        """Events claimed from the spool become batches kept at the front, ahead of every
+        flush target (position -1); what cannot be sent any more is dropped and forgotten."""
+        queue = deque(items)
+        s = self._settings
+        sent: list[str] = []
+        while queue:
+            batch, _ = take_batch(
+                queue,
+                -1,
+                max_size=s.max_batch_size,
+                max_bytes=s.max_batch_bytes,
+                base_context=self._base_context,
+                now=s.clock(),
+                ledger=self.ledger,
+            )
+            if batch is not None:
+                batch.spooled = True
+                sent.extend(batch.message_ids)
+                self.retain(batch, front=True)
+        if self.spooler is not None and len(sent) < len(items):
+            kept = set(sent)
+            self.spooler.forget(item[4] for item in items if item[4] not in kept)
+
+    def _spill(self, there: int, fresh: list[Item]) -> None:
+        """At close with a spool: ``there`` events are in the file already (replayed, or
+        journaled with spool_mode="always") and ``fresh`` go to it, instead of being dropped."""
+        assert self.spooler is not None
+        if there:
+            self.ledger.spool(there)
+        if fresh:
+            self.spooler.spill(fresh)
+        if there or fresh:
+            last = self.ledger.last_error
+            cause = f"; the last failure: {last.message}" if last is not None else ""
+            count = there + len(fresh)
+            self.ledger.report(
+                "spooled",
+                "shutdown" if last is None else last.reason,
+                f"{events(count)} not delivered before the client closed went to the spool "
+                f"{self.spooler.path} for a later client{cause}",
+                None,
+                count,
+                (),
+            )
+
     # -- close ---------------------------------------------------------------------------
 
     def account_undelivered(self) -> None:
-        """At close: report everything not delivered, so that tracked == delivered + dropped."""
+        """At close: report everything not delivered, so that tracked == delivered + dropped
+        (+ spooled: with a spool, the tracks left go there instead; identifies never do)."""
         leftovers: dict[tuple[str, str], list[Item]] = {}
+        there, fresh = 0, []
+        spooler = self.spooler
         last = self.ledger.last_error
         cause = f"; the last failure: {last.message}" if last is not None else ""
+
+        def leave(items: list[Item], spooled: bool, key: tuple[str, str]) -> None:
+            nonlocal there
+            if spooler is None:
+                leftovers.setdefault(key, []).extend(items)
+                return
+            for item in items:
+                if item[1] is None:  # an identify
+                    leftovers.setdefault(key, []).append(item)
+                elif spooled:
+                    there += 1
+                else:
+                    fresh.append(item)
+
         for batch in self.retained:
             why = f"; the last failure: {batch.last_failure}" if batch.last_failure else cause
-            leftovers.setdefault((batch.failure, why), []).extend(batch.items)
+            leave(batch.items, batch.spooled, (batch.failure, why))
         self.retained.clear()
         self.retained_events = self.retained_bytes = 0
         queued = self._intake.drain()
         if queued:
-            leftovers.setdefault(("shutdown", cause), []).extend(queued)
+            leave(queued, spooler is not None and spooler.always, ("shutdown", cause))
+        if spooler is not None:
+            self._spill(there, fresh)
         for (reason, why), items in leftovers.items():
             self.ledger.drop(items, reason, f"not delivered before the client closed{why}")
