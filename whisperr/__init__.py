@@ -6,6 +6,7 @@ async with whisperr.AsyncClient(api_key="wrk_...") as client:
 
 from __future__ import annotations
 
+import inspect as _inspect
 import types as _types
 import typing as _typing
 
@@ -81,7 +82,7 @@ def _present_as_public(classes: list[type]) -> None:
     globals; a class whose annotations cannot be evaluated keeps them as they are.
     """
     for cls in classes:
-        own = cls.__dict__.get("__annotations__", {})  # its own, as inspect.get_annotations
+        own = _inspect.get_annotations(cls)
         if own:
             try:
                 hints = _typing.get_type_hints(cls, include_extras=True)

@@ -66,7 +66,9 @@ class Stats:
     With a spool (``spool_path``): ``spooled`` counts the events this client left in the spool
     file undelivered (queue overflow, what was left at close) and ``replayed`` the events it
     took from the file, written by an earlier client or another process. After ``aclose()``:
-    ``tracked + identified + replayed == delivered + dropped + spooled``.
+    ``tracked + identified + replayed == delivered + dropped + spooled``. An event that goes to
+    the file and back more than once (an overflow this client replays once the queue has
+    room, then spools again at close) is counted each time, on both sides.
     """
 
     tracked: int

@@ -435,18 +435,18 @@ class Scheduler:
             kept = set(sent)
             self.spooler.forget(item[4] for item in items if item[4] not in kept)
 
-    def _spill(self, there: int, fresh: list[Item]) -> None:
-        """At close with a spool: ``there`` events are in the file already (replayed, or
-        journaled with spool_mode="always") and ``fresh`` go to it, instead of being dropped."""
+    def _spill(self, there: list[Item], fresh: list[Item]) -> None:
+        """At close with a spool: ``there`` are in the file already (replayed, or journaled
+        with spool_mode="always") and ``fresh`` go to it, instead of being dropped."""
         assert self.spooler is not None
         if there:
-            self.ledger.spool(there)
+            self.spooler.keep(there)
         if fresh:
             self.spooler.spill(fresh)
         if there or fresh:
             last = self.ledger.last_error
             cause = f"; the last failure: {last.message}" if last is not None else ""
-            count = there + len(fresh)
+            count = len(there) + len(fresh)
             self.ledger.report(
                 "spooled",
                 "shutdown" if last is None else last.reason,
@@ -463,13 +463,13 @@ class Scheduler:
         """At close: report everything not delivered, so that tracked == delivered + dropped
         (+ spooled: with a spool, the tracks left go there instead; identifies never do)."""
         leftovers: dict[tuple[str, str], list[Item]] = {}
-        there, fresh = 0, []
+        there: list[Item] = []
+        fresh: list[Item] = []
         spooler = self.spooler
         last = self.ledger.last_error
         cause = f"; the last failure: {last.message}" if last is not None else ""
 
         def leave(items: list[Item], spooled: bool, key: tuple[str, str]) -> None:
-            nonlocal there
             if spooler is None:
                 leftovers.setdefault(key, []).extend(items)
                 return
@@ -477,7 +477,7 @@ class Scheduler:
                 if item[1] is None:  # an identify
                     leftovers.setdefault(key, []).append(item)
                 elif spooled:
-                    there += 1
+                    there.append(item)
                 else:
                     fresh.append(item)
 

@@ -330,6 +330,13 @@ class Spool:
         with self._write() as db:
             self._beat(db)
 
+    def held_ids(self) -> set[str]:
+        """The message ids of the rows this owner holds (its journal, what it claimed): at
+        close, what it holds in memory but the file lost (evicted by the bound) is told apart."""
+        with self._read() as db:
+            found = db.execute("SELECT message_id FROM events WHERE owner = ?", (self._token,))
+            return {message_id for (message_id,) in found}
+
     def release(self) -> None:
         """At a clean close: this owner's rows become free (not delivered yet), its entry goes."""
         with self._write() as db:

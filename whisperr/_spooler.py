@@ -68,6 +68,7 @@ class Spooler:
         self.journal: collections.deque[ev.Item] = collections.deque()
         self.spills: collections.deque[ev.Item] = collections.deque()  # left at close
         self.overflow: collections.deque[ev.Item] = collections.deque()
+        self._kept: list[ev.Item] = []  # left at close, held in the file already
         self._forget: collections.deque[str] = collections.deque()
         self._claimed: collections.deque[list[ev.Item]] = collections.deque()
         self._wake = threading.Event()
@@ -91,13 +92,22 @@ class Spooler:
         self._ledger.spool(len(items))
         self.spills.extend(items)
 
+    def keep(self, items: list[ev.Item]) -> None:
+        """Tracks left at close that this client holds in the file already (replayed, or
+        journaled); ``close()`` writes again those the file lost meanwhile (evicted by the
+        bound), so that each one counted ``spooled`` is in the file or reported."""
+        self._ledger.spool(len(items))
+        self._kept.extend(items)
+
     def spill_overflow(self, item: ev.Item, queued: bool) -> None:
-        """An event the queue had no room for (the intake's spill, on the caller's path)."""
+        """An event the queue had no room for (the intake's spill, on the caller's path).
+
+        Written free for any process to replay, also when it is journaled already: a journaled
+        row is this client's own, which the bound may evict while the client lives."""
         self._ledger.spool(1, refused=not queued)
-        if not self.always:  # else it is journaled already
-            self.overflow.append(item)
-            self._start()
-            self._wake.set()
+        self.overflow.append(item)
+        self._start()
+        self._wake.set()
 
     def forget(self, message_ids: Iterable[str]) -> None:
         """Spooled events that need no replay any more: delivered, or dropped for good."""
@@ -260,7 +270,13 @@ class Spooler:
         for _ in range(20):  # a file another process holds: a few tries, 200 ms each
             try:
                 self._write()
+                # Freed before what the file lost is written again: any row that write evicts
+                # is then free, so it is reported (a row of a live owner is not: it is held).
+                held = self._store.held_ids() if self._kept else set()
                 self._store.release()
+                self.spills.extend(item for item in self._kept if item[4] not in held)
+                self._kept = []
+                self._write()
                 break
             except SpoolBusy:
                 continue
@@ -268,7 +284,7 @@ class Spooler:
                 logger.exception("whisperr: the spool failed at close")
                 break
         else:
-            lost = _drain(self.overflow) + _drain(self.spills)
+            lost = _drain(self.overflow) + _drain(self.spills) + self._kept
             self._lost(lost, SpoolBusy("the spool file stayed locked"))
         self._store.close()
 
