@@ -85,8 +85,11 @@ def stats(client: Any) -> dict[str, Any]:
         return {"error": repr(exc)}
     return {
         "tracked": s.tracked,
+        "identified": s.identified,
+        "replayed": s.replayed,
         "delivered": s.delivered,
         "dropped": s.dropped,
+        "spooled": s.spooled,
         "dropped_by_reason": dict(s.dropped_by_reason),
         "queued": s.queued,
         "in_flight": s.in_flight,
