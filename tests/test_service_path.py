@@ -80,5 +80,5 @@ async def test_the_runner_tops_the_id_pool_up_off_the_callers_path(
     client.track("u", "payment_failed")
     assert len(_events.ready_ids) < 16  # the caller made a few
     await client.flush()  # the runner ran
-    assert len(_events.ready_ids) >= _events.POOL_SIZE // 2
+    assert len(_events.ready_ids) >= _events._RUNNER_REFILL
     await client.aclose()
