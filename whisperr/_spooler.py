@@ -78,6 +78,7 @@ class Spooler:
         self.claiming = False  # a claim was asked for and has not come back yet
         self._claim_asked = 0.0  # when (time.monotonic())
         self.exhausted = False  # the last claim found nothing more to replay
+        self._replaying = False  # claims are bringing events back (logged once when they start)
         self._next_heartbeat = 0.0
 
     def after_fork(self) -> None:
@@ -225,9 +226,17 @@ class Spooler:
             self._ledger.replay(len(claim.expired))
             self._ledger.drop(claim.expired, "expired", "spooled past the server's 30-day window")
         if claim.items:
+            if not self._replaying:
+                self._replaying = True
+                logger.info(
+                    "whisperr: sending the events of the spool %s (first %d, oldest first)",
+                    self.path,
+                    len(claim.items),
+                )
             self._ledger.replay(len(claim.items))
             self._claimed.append(claim.items)
         self.exhausted = len(claim.items) < self._batch_size and not claim.expired
+        self._replaying = self._replaying and not self.exhausted
         self.claiming = False
         if claim.items:
             self.wake_runner()
