@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import platform
@@ -154,7 +155,7 @@ def end_to_end(events: int, directory: Path) -> None:
 
         elapsed = asyncio.run(replay())
         stored = len(httpx.get(f"{url}/_local/events", trust_env=False).json()["events"])
-        with sqlite3.connect(path) as db:
+        with contextlib.closing(sqlite3.connect(path)) as db:
             (left,) = db.execute("SELECT count(*) FROM events").fetchone()
     finally:
         server.terminate()

@@ -8,6 +8,7 @@ tests/test_spool_store.py tests the store alone.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sqlite3
 import threading
@@ -31,7 +32,7 @@ WAIT = 10.0  # seconds a condition may take to come true (the spool's thread wor
 
 def rows(path: Path) -> list[tuple[str, float, str | None]]:
     """(message_id, occurred_at, owner) of every row in the file, oldest first."""
-    with sqlite3.connect(path) as db:
+    with contextlib.closing(sqlite3.connect(path)) as db:
         return db.execute(
             "SELECT message_id, occurred_at, owner FROM events ORDER BY occurred_at, id"
         ).fetchall()
