@@ -845,8 +845,8 @@ def markdown(bench: Bench, summary: dict[str, Any], command: str, machine: str) 
 def redact(text: str, bench: Bench) -> str:
     """The results without this machine's paths: each interpreter is named by its role."""
     for sdk, python in bench.python.items():
-        text = text.replace(str(python), f"<{sdk} venv>/bin/python")
-    return text.replace(str(Path.home()), "~")
+        text = text.replace(str(Path(python).parent.parent), f"<{sdk} venv>")
+    return text.replace(str(h.REPO), "<repo>").replace(str(Path.home()), "~")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
