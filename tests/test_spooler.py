@@ -289,3 +289,25 @@ async def test_a_locked_file_never_blocks_track_and_is_written_once_free(
     assert {name for name, _ in calls} == {"whisperr-spool"}  # never the tracking thread
     await c.aclose(timeout=1)
     assert c.stats().spooled == 201
+
+
+async def test_where_no_thread_may_start_the_claims_run_on_the_closing_thread(
+    tmp_path: Path, api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At interpreter exit (3.12+) no thread starts: a client whose spool worker never ran
+    still sends the file within its close, instead of waiting for a claim that cannot come."""
+    path = tmp_path / "spool.db"
+    first = client(path, down())
+    for i in range(3):
+        first.track("u", "payment_failed", {"i": i})
+    await first.aclose(timeout=1)
+
+    def refuse(name: str, target: Any, *args: Any) -> Any:
+        raise RuntimeError("can't create new thread at interpreter shutdown")
+
+    monkeypatch.setattr("whisperr._spooler._exit.start_blocking_signals", refuse)
+    second = client(path, api.transport(), shutdown_timeout=30)
+    with anyio.fail_after(5):  # a claim left waiting would hold the close for 30 s
+        await second.aclose()
+    assert (second.stats().replayed, second.stats().delivered) == (3, 3)
+    assert rows(path) == []

@@ -121,8 +121,13 @@ class Spooler:
             return
         self._claim_asked = time.monotonic()
         self.claiming = True
-        self._start()
-        self._wake.set()
+        if self._start():
+            self._wake.set()
+            return
+        try:  # no thread may start (the interpreter is exiting): claim on this one
+            self._claim()
+        except Exception:  # busy, or failed: nothing more is replayed by this client
+            self.claiming, self.exhausted = False, True
 
     def holds_queue(self, now: float) -> bool:
         """Whether the queue waits for a claim under way, so that spooled events go first
@@ -142,16 +147,18 @@ class Spooler:
 
     # -- the worker ----------------------------------------------------------------------
 
-    def _start(self) -> None:
+    def _start(self) -> bool:
+        """Start the worker if it is not running; whether one runs."""
         if self._thread is not None or self._closed:
-            return
+            return self._thread is not None
         with self._lock:
             if self._thread is not None or self._closed:
-                return
+                return self._thread is not None
             try:
                 self._thread = _exit.start_blocking_signals("whisperr-spool", self._run)
             except RuntimeError:  # the interpreter is exiting: close() writes on its thread
                 self._thread = None
+            return self._thread is not None
 
     def _run(self) -> None:
         while not self._closed:
