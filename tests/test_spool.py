@@ -712,3 +712,26 @@ def test_loop_end_without_aclose_spools_at_exit(
     assert_identity(stats, run)
     assert Counter(spooled_ids(spool)) == Counter(list(ids)), str(run)
     replay_until_done(server, spool, set(ids))
+
+
+# -- a forked child --------------------------------------------------------------------------
+
+
+@_lifecycle.needs_fork
+def test_a_forked_child_journals_its_own_events(down_url: str, tmp_path: Path) -> None:
+    """spool_mode="always" in a child forked while its parent's spool thread writes: the
+    child's events reach the file while it lives (its SIGKILL leaves nothing else to write
+    them), and the parent's are there too once it closed."""
+    spool = tmp_path / "spool.db"
+    env = spool_env(
+        down_url, spool, WHISPERR_SPOOL_MODE="always", WHISPERR_SPOOL_SYNC_INTERVAL="0.005"
+    )
+    for _ in range(3):  # the fork lands at a different moment of the parent's writes each time
+        with contextlib.suppress(FileNotFoundError):
+            spool.unlink()
+        run = run_script("spool_fork.py", "50", env=env)
+        [line] = [x for x in run.stdout.splitlines() if x.startswith("CHILD ")]
+        assert json.loads(line.removeprefix("CHILD ")) == {"seen": 50}, str(run)
+        with spool_db(spool) as db:
+            counts = dict(db.execute("SELECT user_id, count(*) FROM events GROUP BY user_id"))
+        assert counts == {"child": 50, "parent": 200}, str(run)

@@ -541,6 +541,30 @@ class TestFork:
         assert self.in_child(spool, call_after_fork=False) == [0, True]
         assert [item[4] for item in spool.claim(10).items] == ["m2"]
 
+    def test_a_fork_waits_for_a_transaction_under_way(self, spool: Spool) -> None:
+        """A fork while another thread is inside a transaction: SQLite keeps a process's locks
+        in its memory, which the child inherits, so the fork waits for the transaction to end;
+        else the child would find the file locked for ever by its parent's copy."""
+        spool.add([track(1)], owned=True)
+        inside, done = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            with spool._write():
+                inside.set()
+                done.wait(10)  # until the fork is under way (its wait is what is tested)
+
+        holder = threading.Thread(target=hold)
+        holder.start()
+        assert inside.wait(10)
+        # The fork below blocks until the transaction ends: end it from another thread, once
+        # the fork has begun (a delay here only orders the two; it decides nothing).
+        threading.Timer(0.2, done.set).start()
+        try:
+            assert self.in_child(spool, call_after_fork=True) == [0, True]
+        finally:
+            done.set()
+            holder.join(10)
+
 
 class TestCommandLine:
     def run(self, *args: str, base_url: str = "") -> subprocess.CompletedProcess[str]:

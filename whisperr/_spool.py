@@ -27,6 +27,7 @@ import sqlite3
 import threading
 import time
 import typing
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import IO
 
@@ -94,6 +95,37 @@ _OLDEST_FIRST = "ORDER BY occurred_at, id"
 # A forked child's copies of its parent's connections: never used, and never garbage-collected
 # (which would close them: sqlite3_close on a connection a parent still uses).
 _abandoned: list[sqlite3.Connection] = []
+# Every open spool of this process. A fork waits for each one's transaction to end: SQLite keeps
+# the locks a process holds in its memory, which a child inherits, so a child forked in the
+# middle of a transaction would find the file locked by its parent's copy for ever.
+_open: weakref.WeakSet[Spool] = weakref.WeakSet()
+
+
+_held_over_fork: list[Spool] = []
+
+
+def _before_fork() -> None:
+    for spool in list(_open):
+        spool._lock.acquire()
+        _held_over_fork.append(spool)
+
+
+def _after_fork_in_parent() -> None:
+    while _held_over_fork:
+        _held_over_fork.pop()._lock.release()
+
+
+def _after_fork_in_child() -> None:
+    while _held_over_fork:  # the parent's thread that would release these is not here
+        _held_over_fork.pop()._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(
+        before=_before_fork,
+        after_in_parent=_after_fork_in_parent,
+        after_in_child=_after_fork_in_child,
+    )
 
 
 class SpoolError(Exception):
@@ -180,6 +212,7 @@ class Spool:
         self._clock = clock
         self._host = socket.gethostname()
         self._become_new_owner()
+        _open.add(self)
 
     def _become_new_owner(self) -> None:
         self._lock = threading.Lock()
@@ -377,6 +410,7 @@ class Spool:
         (see :meth:`release`)."""
         with self._lock:
             self._db.close()
+        _open.discard(self)
 
     def after_fork(self) -> None:
         """In a forked child: a new connection and a new owner; the parent's rows stay its own.

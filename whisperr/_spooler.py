@@ -49,6 +49,12 @@ class Spooler:
         self._ledger = ledger
         self._store = store
         self.wake_runner: Callable[[], None] = lambda: None  # set by the client: runner.kick
+        # Made once, emptied in a forked child (never replaced: the client's put holds journal).
+        self.journal: collections.deque[ev.Item] = collections.deque()
+        self.spills: collections.deque[ev.Item] = collections.deque()  # left at close
+        self.overflow: collections.deque[ev.Item] = collections.deque()
+        self._forget: collections.deque[str] = collections.deque()
+        self._claimed: collections.deque[list[ev.Item]] = collections.deque()
         self._reset()
 
     @classmethod
@@ -65,12 +71,9 @@ class Spooler:
         return None if store is None else cls(settings, ledger, store)
 
     def _reset(self) -> None:
-        self.journal: collections.deque[ev.Item] = collections.deque()
-        self.spills: collections.deque[ev.Item] = collections.deque()  # left at close
-        self.overflow: collections.deque[ev.Item] = collections.deque()
+        for queue in (self.journal, self.spills, self.overflow, self._forget, self._claimed):
+            queue.clear()
         self._kept: list[ev.Item] = []  # left at close, held in the file already
-        self._forget: collections.deque[str] = collections.deque()
-        self._claimed: collections.deque[list[ev.Item]] = collections.deque()
         self._wake = threading.Event()
         self._lock = threading.Lock()  # the worker's start and stop
         self._thread: threading.Thread | None = None
