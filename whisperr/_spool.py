@@ -81,16 +81,18 @@ _SCHEMA = (
     f"PRAGMA user_version = {SCHEMA_VERSION}",
 )
 _FIELDS = "user_id, event_type, occurred_at, payload, message_id, context"
-# The items themselves are the parameters (?1 user_id, ?2 event_type, ?3 occurred_at,
-# ?4 payload, ?5 message_id, ?6 context): sqlite3 binds them in C, with no Python per row, so
-# the spool's thread holds the GIL (which the caller's track() needs) as little as it can.
+# The items themselves are the parameters, in their order (user_id, event_type, occurred_at,
+# payload, message_id[, context]): sqlite3 binds them in C, with no Python per row, so the
+# spool's thread holds the GIL (which the caller's track() needs) as little as it can. The size
+# is computed by SQLite from the same values.
 _INSERT = (
     "INSERT INTO events (user_id, event_type, occurred_at, payload, message_id, context, size,"
-    " owner) VALUES (?1, ?2, ?3, ?4, ?5, {context}, length(?1) + coalesce(length(?2), 0)"
-    " + length(?4) + length(?5){context_size} + " + str(ROW_OVERHEAD) + ", {owner})"
+    " owner) SELECT u, t, o, p, m, c, length(u) + coalesce(length(t), 0) + length(p)"
+    " + length(m) + coalesce(length(c), 0) + " + str(ROW_OVERHEAD) + ", {owner}"
+    " FROM (SELECT ? AS u, ? AS t, ? AS o, ? AS p, ? AS m, {context} AS c)"
 )
-_INSERT_PLAIN = _INSERT.replace("{context}", "NULL").replace("{context_size}", "")
-_INSERT_CONTEXT = _INSERT.replace("{context}", "?6").replace("{context_size}", " + length(?6)")
+_INSERT_PLAIN = _INSERT.replace("{context}", "NULL")
+_INSERT_CONTEXT = _INSERT.replace("{context}", "?")
 _OLDEST_FIRST = "ORDER BY occurred_at, id"
 # A forked child's copies of its parent's connections: never used, and never garbage-collected
 # (which would close them: sqlite3_close on a connection a parent still uses).
