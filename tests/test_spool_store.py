@@ -316,13 +316,6 @@ class TestRemove:
         assert spool.remove([""]) == 0
         assert spool.info().events == 2
 
-    def test_remove_items_takes_identifies_by_content(self, spool: Spool) -> None:
-        """remove_items deletes a delivered identify (and tracks by id), not its neighbours."""
-        items = [identify("a"), identify("b"), identify("a", NOW + 1), track(1)]
-        spool.add(items, owned=False)
-        assert spool.remove_items([items[0], items[3]]) == 2
-        assert spool.claim(10).items == [items[1], items[2]]
-
 
 class TestBound:
     def test_the_oldest_rows_are_evicted_and_reported(self, path: str) -> None:

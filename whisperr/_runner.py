@@ -415,7 +415,7 @@ class Runner:
             ev.top_up_ids()  # here, not on a caller's track() path
             now = time.monotonic()
             if scheduler.spooler is not None:
-                self._replay(scheduler.spooler, now)
+                self._replay(scheduler.spooler)
             if ledger.capture_drops_pending and (
                 now >= self._next_capture_report or self.state is RunnerState.CLOSING
             ):
@@ -439,12 +439,12 @@ class Runner:
             if lingering and not woken and self._idle() and self.state is RunnerState.RUNNING:
                 return None  # idle on the own thread: end it; the next track() starts another
 
-    def _replay(self, spooler: Spooler, now: float) -> None:
+    def _replay(self, spooler: Spooler) -> None:
         """Take what the spool's worker claimed; ask for more once it is on its way."""
         scheduler = self._scheduler
         claimed = spooler.take_claimed()
         if claimed:
-            scheduler.replay(claimed, now)
+            scheduler.replay(claimed)
         if self.state is not RunnerState.CLOSED and not scheduler.replaying():
             spooler.ask_claim()  # the worker wakes the runner (kick) when it has them
 

@@ -411,7 +411,7 @@ class Scheduler:
         """Whether events from the spool wait to be sent (they go before the queue)."""
         return any(b.spooled and b.first < 0 for b in self.retained)
 
-    def replay(self, items: list[Item], now: float) -> None:
+    def replay(self, items: list[Item]) -> None:
         """Events claimed from the spool become batches kept at the front, ahead of every
         flush target (position -1); what cannot be sent any more is dropped and forgotten."""
         queue = deque(items)
@@ -435,9 +435,10 @@ class Scheduler:
             kept = set(sent)
             self.spooler.forget(item[4] for item in items if item[4] not in kept)
 
-    def _spill(self, there: list[Item], fresh: list[Item]) -> None:
+    def _spill(self, there: list[Item], fresh: list[Item], cause: str) -> None:
         """At close with a spool: ``there`` are in the file already (replayed, or journaled
-        with spool_mode="always") and ``fresh`` go to it, instead of being dropped."""
+        with spool_mode="always") and ``fresh`` go to it, instead of being dropped; ``cause``
+        names the last failure, as the close-time drops do."""
         assert self.spooler is not None
         if there:
             self.spooler.keep(there)
@@ -445,7 +446,6 @@ class Scheduler:
             self.spooler.spill(fresh)
         if there or fresh:
             last = self.ledger.last_error
-            cause = f"; the last failure: {last.message}" if last is not None else ""
             count = len(there) + len(fresh)
             self.ledger.report(
                 "spooled",
@@ -490,6 +490,6 @@ class Scheduler:
         if queued:
             leave(queued, spooler is not None and spooler.always, ("shutdown", cause))
         if spooler is not None:
-            self._spill(there, fresh)
+            self._spill(there, fresh, cause)
         for (reason, why), items in leftovers.items():
             self.ledger.drop(items, reason, f"not delivered before the client closed{why}")

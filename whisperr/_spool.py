@@ -326,8 +326,7 @@ class Spool:
     def remove(self, message_ids: Iterable[str]) -> int:
         """Delete the rows with these message ids (delivered, or dropped for good); how many.
 
-        An empty id is skipped: every identify's id is empty, so it names no row of its own
-        (see :meth:`remove_items`).
+        An empty id is skipped: every identify's id is empty, so it names no row of its own.
         """
         ids = [message_id for message_id in dict.fromkeys(message_ids) if message_id]
         if not ids:
@@ -339,26 +338,6 @@ class Spool:
                 ).rowcount
                 for chunk in _chunks(ids)
             )
-
-    def remove_items(self, items: Iterable[ev.Item]) -> int:
-        """:meth:`remove` for whole items: tracks by message id, identifies (which have none)
-        by their user, stamp and body; how many rows went."""
-        tracks, identifies = [], []
-        for item in items:
-            if item[1] is not None:
-                tracks.append(item[4])
-            else:
-                identifies.append((item[0], item[2], item[3]))
-        gone = self.remove(tracks)
-        if identifies:
-            with self._write() as db:
-                for identify in identifies:
-                    gone += db.execute(
-                        "DELETE FROM events WHERE occurred_at = ? AND user_id = ?"
-                        " AND event_type IS NULL AND payload = ?",
-                        (identify[1], identify[0], identify[2]),
-                    ).rowcount
-        return gone
 
     def heartbeat(self) -> None:
         """Tell other processes this owner lives (``add(owned=True)`` and ``claim`` do too)."""

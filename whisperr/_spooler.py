@@ -24,6 +24,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 from . import _events as ev
 from . import _exit
@@ -32,6 +33,7 @@ from ._ledger import Ledger, events
 from ._spool import Added, Spool, SpoolBusy
 
 logger = logging.getLogger("whisperr")
+T = TypeVar("T")
 
 HEARTBEAT = 5.0  # seconds between two heartbeats of this owner (the claim timeout is longer)
 CLAIM_TIMEOUT = 30.0  # seconds without a heartbeat after which another process takes over
@@ -308,8 +310,9 @@ class Spooler:
         self._store.close()
 
 
-def _drain(queue: collections.deque[ev.Item] | collections.deque[str]) -> list:  # type: ignore[type-arg]
-    items = []
+def _drain(queue: collections.deque[T]) -> list[T]:
+    """Everything in ``queue``, taken from the front (others may append meanwhile)."""
+    items: list[T] = []
     while queue:
         items.append(queue.popleft())
     return items
