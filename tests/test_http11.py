@@ -22,6 +22,10 @@ from anyio.streams.tls import TLSListener
 
 import whisperr
 from whisperr._http11 import MAX_ANSWER_BYTES, Http1Transport
+from whisperr._transport import Outcome, request_headers
+from whisperr._transport import post as transport_post
+
+from .conftest import API_KEY
 
 pytestmark = pytest.mark.anyio
 
@@ -516,3 +520,101 @@ async def test_keep_alive_timeout_shortens_the_idle_expiry() -> None:
         now[0] += 1.1
         assert (await post(http, server.url)).status_code == 202
     assert server.connections == 2
+
+
+# -- the client's own path: post() calls the transport itself, no httpx client around it ------
+
+
+async def direct(
+    transport: Http1Transport, url: str, body: bytes = b'{"events":[]}', timeout: float = 5.0
+) -> Outcome:
+    target = httpx.URL(url + "/v1/events/batch")
+    return await transport_post(
+        transport, target, request_headers(API_KEY), body, timeout, lambda: 0.0
+    )
+
+
+async def test_the_clients_path_sends_only_its_own_headers() -> None:
+    """Host first, the client's headers as built, then Content-Length: nothing httpx's client
+    adds (cookies, Accept, Connection), and no redirect machinery around it."""
+    async with serving(Server()) as server:
+        transport = Http1Transport(max_idle=4)
+        try:
+            outcome = await direct(transport, server.url, b'{"events":[1]}')
+            assert (await direct(transport, server.url)).kind == "ok"
+        finally:
+            await transport.aclose()
+    assert outcome.kind == "ok"
+    assert server.connections == 1  # kept alive between the two
+    request = server.requests[0]
+    host = server.url.removeprefix("http://").encode()
+    assert (request.method, request.target) == (b"POST", b"/v1/events/batch")
+    assert [name for name, _ in request.headers] == [
+        b"host",
+        b"x-api-key",
+        b"content-type",
+        b"user-agent",
+        b"accept-encoding",
+        b"content-length",
+    ]
+    assert dict(request.headers)[b"host"] == host
+    assert dict(request.headers)[b"content-length"] == b"14"
+    assert dict(request.headers)[b"accept-encoding"] == b"identity"
+
+
+async def test_the_clients_path_decodes_and_classifies_as_the_httpx_path_does() -> None:
+    """A gzipped 202 is read; a 503's Retry-After is honoured; a 302 is not followed; a body
+    past the bound is left out while the status still classifies."""
+    accepted = gzip.compress(b'{"accepted":3,"rejected":1}')
+    chunk = b"x" * 65536
+    huge = b"%x\r\n%b\r\n" % (len(chunk), chunk) * (MAX_ANSWER_BYTES // len(chunk) + 1)
+    script: list[bytes | str] = [
+        answer(202, accepted, b"content-encoding: gzip\r\n"),
+        answer(503, b"", b"retry-after: 7\r\n"),
+        answer(302, b"", b"location: http://127.0.0.1:1/\r\n"),
+        b"HTTP/1.1 202 Accepted\r\ntransfer-encoding: chunked\r\n\r\n" + huge + b"0\r\n\r\n",
+    ]
+    async with serving(Server(script)) as server:
+        transport = Http1Transport(max_idle=4)
+        try:
+            outcomes = [await direct(transport, server.url) for _ in range(3)]
+            with anyio.fail_after(5):
+                too_large = await direct(transport, server.url)
+        finally:
+            await transport.aclose()
+    assert [(o.kind, o.status) for o in outcomes] == [("ok", 202), ("retry", 503), ("drop", 302)]
+    assert outcomes[0].rejected == 1
+    assert outcomes[1].retry_after == 7.0
+    assert outcomes[2].reason == "redirected"
+    assert len(server.requests) == 4  # the redirect was not followed
+    # past the bound on the wire: a network error, retried, never held whole
+    assert (too_large.kind, too_large.reason) == ("retry", "network_error")
+    assert "larger than" in too_large.message
+
+
+async def test_the_clients_path_times_out_as_one_deadline_naming_the_phase() -> None:
+    async with serving(Server([HANG])) as server:
+        transport = Http1Transport(max_idle=4)
+        try:
+            with anyio.fail_after(5):
+                outcome = await direct(transport, server.url, timeout=0.2)
+        finally:
+            await transport.aclose()
+    assert (outcome.kind, outcome.reason, outcome.connecting) == ("retry", "timeout", False)
+    assert "ReadTimeout" in outcome.message
+    assert API_KEY not in outcome.message
+
+
+async def test_a_client_without_a_transport_set_takes_its_own_path() -> None:
+    """What reaches the server from a whole client: the headers of :func:`direct`, none of
+    those an httpx client adds (``accept``, ``connection``)."""
+    async with (
+        serving(Server()) as server,
+        whisperr.AsyncClient(api_key=API_KEY, base_url=server.url) as sdk,
+    ):
+        sdk.track("user_8842", "payment_failed", {"amount_cents": 4900})
+        await sdk.flush(timeout=5)
+        assert sdk.stats().delivered == 1
+    names = [name for name, _ in server.requests[0].headers]
+    assert (names[0], names[-1]) == (b"host", b"content-length")
+    assert not {b"accept", b"connection"} & set(names)

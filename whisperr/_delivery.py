@@ -13,6 +13,7 @@ import ssl
 import time
 import urllib.request
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import httpx
 
@@ -25,6 +26,9 @@ from ._ledger import Ledger
 from ._models import DeliveryReport
 from ._send import SendJob
 from ._transport import Outcome, backoff, post, request_headers
+
+if TYPE_CHECKING:
+    from ._transport import Pool
 
 logger = logging.getLogger("whisperr")
 
@@ -45,8 +49,10 @@ class Delivery:
         # The metrics' request histogram (endpoint, outcome kind, seconds), when metrics are on.
         self.on_request: Callable[[str, str, float], None] | None = None
 
-    def open(self) -> httpx.AsyncClient:
-        """A pool for the event loop about to serve (the caller's ``http_client`` as is)."""
+    def open(self) -> Pool:
+        """A pool for the event loop about to serve: the default transport, called directly,
+        or an httpx client (around a configured ``transport`` or the proxy; the caller's
+        ``http_client`` as is)."""
         s = self._settings
         if s.http_client is not None:
             return s.http_client
@@ -63,7 +69,7 @@ class Delivery:
                 ),
             )
         elif transport is None:
-            transport = Http1Transport(max_idle=s.max_concurrency, ssl_context=self.ssl_context)
+            return Http1Transport(max_idle=s.max_concurrency, ssl_context=self.ssl_context)
         return httpx.AsyncClient(transport=transport, trust_env=False)
 
     def ssl_context(self) -> ssl.SSLContext:
@@ -85,13 +91,13 @@ class Delivery:
                 )
         return self._ssl_context
 
-    async def close(self, http: httpx.AsyncClient) -> None:
+    async def close(self, http: Pool) -> None:
         """Close a pool from :meth:`open`, unless it was passed in as ``http_client``."""
         if self._settings.http_client is None:
             await http.aclose()
 
     async def attempts(
-        self, http: httpx.AsyncClient, batch: Batch, attempted: Callable[[Outcome], None]
+        self, http: Pool, batch: Batch, attempted: Callable[[Outcome], None]
     ) -> Outcome:
         """Send ``batch`` until it gets an answer that is not worth retrying, or retries run out.
 
@@ -124,7 +130,7 @@ class Delivery:
             attempt += 1
             await s.sleep(delay)
 
-    async def send_now(self, http: httpx.AsyncClient, job: SendJob) -> None:
+    async def send_now(self, http: Pool, job: SendJob) -> None:
         """Make ``job``'s requests until an answer settles it or its deadline is near.
 
         The same body (so the same ``$message_id`` and ``occurred_at``) goes on every attempt;
@@ -159,7 +165,7 @@ class Delivery:
             await s.sleep(delay)
 
     async def _post(
-        self, http: httpx.AsyncClient, endpoint: str, url: httpx.URL, body: bytes, timeout: float
+        self, http: Pool, endpoint: str, url: httpx.URL, body: bytes, timeout: float
     ) -> Outcome:
         if self.on_request is None:
             return await post(http, url, self._headers, body, timeout, self._settings.clock)

@@ -18,8 +18,12 @@ frames the request and parses the answer:
   ``$message_id``, so a repeat is stored once);
 - every failure leaves as an ``httpx.TransportError``.
 
-It is used when neither ``transport`` nor ``http_client`` is configured and no proxy applies;
-httpx's client builds the requests and never follows redirects.
+It is used when neither ``transport`` nor ``http_client`` is configured and no proxy applies.
+The client then calls :meth:`Http1Transport.post` itself: an ``httpx.AsyncClient`` around it
+(building the request, merging headers and cookies, the redirect and auth machinery, the
+response's model) took more CPU than the exchange. Under an ``httpx.AsyncClient`` it is an
+ordinary httpx transport too (:meth:`Http1Transport.handle_async_request`), with the same
+exchange.
 """
 
 from __future__ import annotations
@@ -87,14 +91,41 @@ class Http1Transport(httpx.AsyncBaseTransport):
         self._clock = clock
         self._closed = False
 
+    async def post(
+        self,
+        url: httpx.URL,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        timeout: float | None,
+    ) -> _Answer:
+        """POST ``body`` to ``url``: the client's own path, with no httpx client around it.
+
+        ``headers`` are sent as given, after ``Host`` and before ``Content-Length``. Returns the
+        answer's status, headers and body (not decoded).
+        """
+        fields = [(b"Host", url.netloc), *headers, (b"Content-Length", b"%d" % len(body))]
+        head = _head(b"POST", url.raw_path, fields)  # checked before any connection is taken
+        return await self._exchange(url, head, body, timeout)
+
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        url = request.url
+        """The same exchange as :meth:`post` under an ``httpx.AsyncClient``."""
+        body = await request.aread()
+        head = _head(request.method.encode("ascii"), request.url.raw_path, request.headers.raw)
+        timeout = request.extensions.get("timeout", {}).get("read")
+        status, headers, content = await self._exchange(request.url, head, body, timeout)
+        return httpx.Response(
+            status,
+            headers=headers,
+            stream=httpx.ByteStream(content),
+            extensions={"http_version": b"HTTP/1.1"},
+        )
+
+    async def _exchange(
+        self, url: httpx.URL, head: h11.Request, body: bytes, timeout: float | None
+    ) -> _Answer:
         # the ASCII (IDNA) form of the host, as it is resolved and as its certificate names it
         host = url.raw_host.decode("ascii")
         origin = (url.raw_scheme, host, url.port or _DEFAULT_PORTS.get(url.raw_scheme, 80))
-        body = await request.aread()
-        head = _request_head(request)  # checked before any connection is taken
-        timeout = request.extensions.get("timeout", {}).get("read")
         connection: _Connection | None = None
         try:
             with anyio.fail_after(timeout):
@@ -120,13 +151,7 @@ class Http1Transport(httpx.AsyncBaseTransport):
             await self._keep(origin, connection)
         elif connection.reusable:  # the transport closed meanwhile: nothing will reuse it
             await connection.aclose()
-        status, headers, content = answer
-        return httpx.Response(
-            status,
-            headers=headers,
-            stream=httpx.ByteStream(content),
-            extensions={"http_version": b"HTTP/1.1"},
-        )
+        return answer
 
     async def _idle_connection(self, origin: _Origin) -> _Connection | None:
         idle = self._idle.get(origin)
@@ -304,12 +329,10 @@ def _check_framing(headers: Sequence[tuple[bytes, bytes]]) -> bool:
     return not {b"content-length", b"transfer-encoding"} <= names
 
 
-def _request_head(request: httpx.Request) -> h11.Request:
+def _head(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]) -> h11.Request:
     """The request's line and headers as h11 frames them, refusing anything malformed."""
     try:
-        return h11.Request(
-            method=request.method, target=request.url.raw_path, headers=request.headers.raw
-        )
+        return h11.Request(method=method, target=target, headers=headers)
     except h11.LocalProtocolError as exc:
         raise httpx.LocalProtocolError(f"the request is malformed: {exc}") from None
 

@@ -34,7 +34,6 @@ import anyio._backends._asyncio
 import anyio.abc
 import anyio.lowlevel
 import attrs
-import httpx
 
 from . import _events as ev
 from . import _exit
@@ -49,6 +48,7 @@ from ._signal import Schedule, Signal, loop_here
 
 if TYPE_CHECKING:
     from ._spooler import Spooler
+    from ._transport import Pool
 
 logger = logging.getLogger("whisperr")
 
@@ -312,7 +312,7 @@ class Runner:
         finally:
             await self._leave(host, http, ending)
 
-    async def _leave(self, host: Host, http: httpx.AsyncClient | None, ending: Ending) -> None:
+    async def _leave(self, host: Host, http: Pool | None, ending: Ending) -> None:
         if self._host is not host:  # forgotten (its loop was closed under it): nothing to do
             host.done.set()
             return
@@ -355,7 +355,7 @@ class Runner:
             if restart:
                 self.start(own_thread=True)
 
-    async def _serve(self, host: Host, http: httpx.AsyncClient) -> None:
+    async def _serve(self, host: Host, http: Pool) -> None:
         try:
             async with anyio.create_task_group() as tg:
                 self._ledger.spawn = tg.start_soon
@@ -394,7 +394,7 @@ class Runner:
         finally:
             host.sends_wakeup = None
 
-    def _start_sends(self, tg: anyio.abc.TaskGroup, host: Host, http: httpx.AsyncClient) -> None:
+    def _start_sends(self, tg: anyio.abc.TaskGroup, host: Host, http: Pool) -> None:
         """Start the sends handed in, each a task of the serve loop's group (and, at the stay's
         first send, the task that starts the next ones as they come)."""
         if host.sends_wakeup is None and host.serving:
@@ -457,7 +457,7 @@ class Runner:
             await event.wait()
         return event.is_set()
 
-    async def _deliver(self, host: Host, http: httpx.AsyncClient, batch: Batch) -> None:
+    async def _deliver(self, host: Host, http: Pool, batch: Batch) -> None:
         scheduler = self._scheduler
         outcome, failed = None, False
         try:
@@ -474,7 +474,7 @@ class Runner:
                 scheduler.settle(batch, outcome, time.monotonic())
             host.wake()
 
-    async def _send(self, host: Host, http: httpx.AsyncClient, job: SendJob) -> None:
+    async def _send(self, host: Host, http: Pool, job: SendJob) -> None:
         try:
             await self._delivery.send_now(http, job)
         except Exception:
@@ -498,7 +498,7 @@ class Runner:
             self._ledger.settle_send(False)
         jobs.clear()
 
-    async def _final_reports(self, host: Host, http: httpx.AsyncClient | None) -> None:
+    async def _final_reports(self, host: Host, http: Pool | None) -> None:
         """At close: report everything left; an async hook gets a second for the reports
         (and for a send it makes: an alert, say)."""
         try:

@@ -7,7 +7,7 @@ import random
 import zlib
 from collections.abc import AsyncGenerator, Callable
 from email.utils import parsedate_to_datetime
-from typing import Literal, cast
+from typing import TYPE_CHECKING, Literal, cast
 
 import anyio
 import attrs
@@ -24,6 +24,15 @@ MAX_ANSWER_BYTES = 1 << 20
 _TOO_LARGE = f"answer larger than {MAX_ANSWER_BYTES} bytes"
 
 Kind = Literal["ok", "auth", "retry", "drop", "too_large"]
+
+if TYPE_CHECKING:
+    from typing import TypeAlias
+
+    from ._http11 import Http1Transport
+
+    # What the client's requests go through: its own transport, called directly, or an httpx
+    # client (around a configured ``transport``, or ``http_client``, or the proxy).
+    Pool: TypeAlias = httpx.AsyncClient | Http1Transport
 
 
 @attrs.frozen
@@ -124,7 +133,7 @@ def request_headers(api_key: str) -> httpx.Headers:
 
 
 async def post(
-    client: httpx.AsyncClient,
+    pool: Pool,
     url: httpx.URL,
     headers: httpx.Headers,
     body: bytes,
@@ -140,18 +149,15 @@ async def post(
     not decode is left out, and the status alone classifies the answer.
     """
     try:
-        with anyio.fail_after(timeout):
-            request = client.build_request(
-                "POST", url, content=body, headers=headers, timeout=timeout
-            )
-            response = await client.send(request, stream=True, follow_redirects=False)
-            try:
-                if response.is_stream_consumed:  # made with content= (httpx.MockTransport)
-                    content = response.content
-                else:
-                    content = await _read(response)
-            finally:
-                await response.aclose()
+        if isinstance(pool, httpx.AsyncClient):
+            with anyio.fail_after(timeout):
+                status, answer_headers, content = await _through_httpx(
+                    pool, url, headers, body, timeout
+                )
+        else:  # its deadline covers the whole exchange, and a timeout names the phase
+            status, raw, content = await pool.post(url, headers.raw, body, timeout)
+            answer_headers = httpx.Headers(raw)
+            content = _decoded(content, answer_headers)
     except (TimeoutError, httpx.TimeoutException) as exc:
         connecting = isinstance(exc, httpx.ConnectTimeout)
         why = f" ({type(exc).__name__}: {exc})" if isinstance(exc, httpx.TimeoutException) else ""
@@ -168,7 +174,22 @@ async def post(
             f"the request failed ({type(exc).__name__}: {exc})",
             connecting=isinstance(exc, httpx.ConnectError),
         )
-    return classify(response.status_code, response.headers, content, clock(), url)
+    return classify(status, answer_headers, content, clock(), url)
+
+
+async def _through_httpx(
+    client: httpx.AsyncClient, url: httpx.URL, headers: httpx.Headers, body: bytes, timeout: float
+) -> tuple[int, httpx.Headers, bytes]:
+    request = client.build_request("POST", url, content=body, headers=headers, timeout=timeout)
+    response = await client.send(request, stream=True, follow_redirects=False)
+    try:
+        if response.is_stream_consumed:  # made with content= (httpx.MockTransport)
+            content = response.content
+        else:
+            content = await _read(response)
+    finally:
+        await response.aclose()
+    return response.status_code, response.headers, content
 
 
 async def _read(response: httpx.Response) -> bytes:
@@ -181,8 +202,15 @@ async def _read(response: httpx.Response) -> bytes:
             raw += chunk
             if len(raw) > MAX_ANSWER_BYTES:
                 return b""  # cut at the bound (the rest is never read)
+    return _decoded(bytes(raw), response.headers)
+
+
+def _decoded(content: bytes, headers: httpx.Headers) -> bytes:
+    """:func:`decode` by the answer's Content-Encoding; b"" over the bound or undecodable."""
+    if len(content) > MAX_ANSWER_BYTES:
+        return b""
     try:
-        return decode(bytes(raw), response.headers.get_list("content-encoding", split_commas=True))
+        return decode(content, headers.get_list("content-encoding", split_commas=True))
     except httpx.DecodingError:
         return b""
 
