@@ -57,8 +57,9 @@ class AsyncClient:
     """An asyncio (and trio, through anyio) client for the Whisperr ingestion API.
 
     ``track()`` and ``identify()`` validate and queue in microseconds and never block; a background
-    runner batches the queue and delivers it over one pooled ``httpx.AsyncClient``. Use it as an
-    async context manager, or call ``await client.aclose()`` when done.
+    runner batches the queue and delivers it over pooled keep-alive connections (or the httpx
+    ``transport``/``http_client`` given). Use it as an async context manager, or call
+    ``await client.aclose()`` when done.
 
     Args:
         settings: a :class:`Settings` (or the API key, as a string); keyword arguments override
