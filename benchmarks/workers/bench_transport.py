@@ -60,6 +60,8 @@ async def main(s: dict[str, Any]) -> dict[str, Any]:
         Settings(api_key="wrk_bench", base_url=s["url"], transport=transport), Ledger(None)
     )
     client = delivery.open()
+    # the default transport is called directly since 0d3c5d9; the others sit in an httpx client
+    used = client._transport if isinstance(client, httpx.AsyncClient) else client
     made_ms = (time.perf_counter() - started) * 1e3
 
     async def send(i: int) -> None:
@@ -79,7 +81,7 @@ async def main(s: dict[str, Any]) -> dict[str, Any]:
     n = s["requests"]
     return {
         "file": whisperr.__file__,
-        "transport": type(client._transport).__module__ + "." + type(client._transport).__name__,
+        "transport": type(used).__module__ + "." + type(used).__name__,
         "cpu_us": cpu / n * 1e6,
         "wall_us": wall / n * 1e6,
         "made_ms": made_ms,
