@@ -45,6 +45,7 @@ def answer(status: int = 202, body: bytes = b'{"ok":true}', headers: bytes = b""
 
 
 HANG, DROP, RESET = "hang", "drop", "reset"  # never answer; close, or reset, without answering
+DRIP = "drip"  # an answer whose body comes one byte every 20 ms, for ever
 CHUNKED = (
     b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
 )
@@ -54,8 +55,8 @@ CHUNKED = (
 class Server:
     """Reads one request at a time and plays the next step of ``script``.
 
-    A step is raw answer bytes, HANG, DROP or RESET; ``close_after`` closes the connection after
-    answering. Without a script step every request gets ``answer()``.
+    A step is raw answer bytes, HANG, DROP, RESET or DRIP; ``close_after`` closes the connection
+    after answering. Without a script step every request gets ``answer()``.
     """
 
     script: list[bytes | str] = attrs.field(factory=list)
@@ -74,6 +75,11 @@ class Server:
                 step = self.script.pop(0) if self.script else answer()
                 if step == HANG:
                     await anyio.sleep_forever()
+                if step == DRIP:
+                    await stream.send(b"HTTP/1.1 202 X\r\ncontent-length: 100000\r\n\r\n")
+                    while True:
+                        await anyio.sleep(0.02)
+                        await stream.send(b" ")
                 if step == DROP:
                     break
                 if step == RESET:  # SO_LINGER 0: the close sends a RST
@@ -571,10 +577,11 @@ async def test_the_clients_path_decodes_and_classifies_as_the_httpx_path_does() 
     script: list[bytes | str] = [
         answer(202, accepted, b"content-encoding: gzip\r\n"),
         answer(503, b"", b"retry-after: 7\r\n"),
-        answer(302, b"", b"location: http://127.0.0.1:1/\r\n"),
+        b"",  # the redirect, to this server (set below)
         b"HTTP/1.1 202 Accepted\r\ntransfer-encoding: chunked\r\n\r\n" + huge + b"0\r\n\r\n",
     ]
     async with serving(Server(script)) as server:
+        script[2] = answer(302, b"", b"location: %b/v1/events/batch\r\n" % server.url.encode())
         transport = Http1Transport(max_idle=4)
         try:
             outcomes = [await direct(transport, server.url) for _ in range(3)]
@@ -586,10 +593,26 @@ async def test_the_clients_path_decodes_and_classifies_as_the_httpx_path_does() 
     assert outcomes[0].rejected == 1
     assert outcomes[1].retry_after == 7.0
     assert outcomes[2].reason == "redirected"
-    assert len(server.requests) == 4  # the redirect was not followed
+    assert len(server.requests) == 4  # the redirect (to this server) was not followed
     # past the bound on the wire: a network error, retried, never held whole
     assert (too_large.kind, too_large.reason) == ("retry", "network_error")
     assert "larger than" in too_large.message
+
+
+async def test_one_deadline_covers_a_slow_drip_on_the_clients_path() -> None:
+    """A byte every 20 ms, far within any per-read timeout: the request's one deadline ends it."""
+    async with serving(Server([DRIP])) as server:
+        transport = Http1Transport(max_idle=4)
+        try:
+            with anyio.fail_after(5):
+                started = anyio.current_time()
+                outcome = await direct(transport, server.url, timeout=0.3)
+                elapsed = anyio.current_time() - started
+        finally:
+            await transport.aclose()
+    assert (outcome.kind, outcome.reason) == ("retry", "timeout")
+    assert "ReadTimeout" in outcome.message
+    assert elapsed == pytest.approx(0.3, abs=0.2)
 
 
 async def test_the_clients_path_times_out_as_one_deadline_naming_the_phase() -> None:
