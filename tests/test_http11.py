@@ -543,13 +543,9 @@ async def direct(
 async def test_the_clients_path_sends_only_its_own_headers() -> None:
     """Host first, the client's headers as built, then Content-Length: nothing httpx's client
     adds (cookies, Accept, Connection), and no redirect machinery around it."""
-    async with serving(Server()) as server:
-        transport = Http1Transport(max_idle=4)
-        try:
-            outcome = await direct(transport, server.url, b'{"events":[1]}')
-            assert (await direct(transport, server.url)).kind == "ok"
-        finally:
-            await transport.aclose()
+    async with serving(Server()) as server, Http1Transport(max_idle=4) as transport:
+        outcome = await direct(transport, server.url, b'{"events":[1]}')
+        assert (await direct(transport, server.url)).kind == "ok"
     assert outcome.kind == "ok"
     assert server.connections == 1  # kept alive between the two
     request = server.requests[0]
@@ -582,13 +578,10 @@ async def test_the_clients_path_decodes_and_classifies_as_the_httpx_path_does() 
     ]
     async with serving(Server(script)) as server:
         script[2] = answer(302, b"", b"location: %b/v1/events/batch\r\n" % server.url.encode())
-        transport = Http1Transport(max_idle=4)
-        try:
+        async with Http1Transport(max_idle=4) as transport:
             outcomes = [await direct(transport, server.url) for _ in range(3)]
             with anyio.fail_after(5):
                 too_large = await direct(transport, server.url)
-        finally:
-            await transport.aclose()
     assert [(o.kind, o.status) for o in outcomes] == [("ok", 202), ("retry", 503), ("drop", 302)]
     assert outcomes[0].rejected == 1
     assert outcomes[1].retry_after == 7.0
@@ -601,28 +594,20 @@ async def test_the_clients_path_decodes_and_classifies_as_the_httpx_path_does() 
 
 async def test_one_deadline_covers_a_slow_drip_on_the_clients_path() -> None:
     """A byte every 20 ms, far within any per-read timeout: the request's one deadline ends it."""
-    async with serving(Server([DRIP])) as server:
-        transport = Http1Transport(max_idle=4)
-        try:
-            with anyio.fail_after(5):
-                started = anyio.current_time()
-                outcome = await direct(transport, server.url, timeout=0.3)
-                elapsed = anyio.current_time() - started
-        finally:
-            await transport.aclose()
+    async with serving(Server([DRIP])) as server, Http1Transport(max_idle=4) as transport:
+        with anyio.fail_after(5):
+            started = anyio.current_time()
+            outcome = await direct(transport, server.url, timeout=0.3)
+            elapsed = anyio.current_time() - started
     assert (outcome.kind, outcome.reason) == ("retry", "timeout")
     assert "ReadTimeout" in outcome.message
     assert elapsed == pytest.approx(0.3, abs=0.2)
 
 
 async def test_the_clients_path_times_out_as_one_deadline_naming_the_phase() -> None:
-    async with serving(Server([HANG])) as server:
-        transport = Http1Transport(max_idle=4)
-        try:
-            with anyio.fail_after(5):
-                outcome = await direct(transport, server.url, timeout=0.2)
-        finally:
-            await transport.aclose()
+    async with serving(Server([HANG])) as server, Http1Transport(max_idle=4) as transport:
+        with anyio.fail_after(5):
+            outcome = await direct(transport, server.url, timeout=0.2)
     assert (outcome.kind, outcome.reason, outcome.connecting) == ("retry", "timeout", False)
     assert "ReadTimeout" in outcome.message
     assert API_KEY not in outcome.message
