@@ -186,10 +186,12 @@ async def test_always_writes_every_queued_event_within_the_window_and_forgets_de
     tmp_path: Path, api: Api
 ) -> None:
     path = tmp_path / "spool.db"
-    hold = threading.Event()
+    hold = anyio.Event()
 
-    def held(request: httpx.Request) -> httpx.Response:
-        hold.wait(WAIT)  # the first batch stays in flight while the file is looked at
+    async def held(request: httpx.Request) -> httpx.Response:
+        # The first batch stays in flight while the file is looked at, without blocking the
+        # loop (a blocking wait here held the loop, and the look with it, for WAIT).
+        await hold.wait()
         return api(request)
 
     c = client(path, httpx.MockTransport(held), spool_mode="always", spool_sync_interval=0.05)
