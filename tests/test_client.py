@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import uuid
+import warnings
 from datetime import datetime, timezone
 from email.utils import format_datetime
 from typing import Any
@@ -613,6 +615,30 @@ def test_final_delivery_when_the_loop_ends_without_aclose(
     assert not asyncio.run(client.flush(timeout=5)).timed_out
     assert len(api.events) == 700
     assert client.stats().delivered == 700
+
+
+@pytest.mark.parametrize("turns", range(5))
+def test_a_loop_that_ends_just_after_a_batch_was_taken_warns_nothing(
+    settings: dict[str, Any], api: Api, turns: int
+) -> None:
+    """The loop may end in the turn after the runner started a delivery's task, before that
+    task's first step: the unstarted coroutine is closed, not left to warn "never awaited"
+    at exit, and its batch is delivered by the own thread like the rest."""
+    client = whisperr.AsyncClient(**settings)
+
+    async def main() -> None:
+        for _ in range(1_400):  # batches taken over several steps: one of them ends the loop
+            client.track("u", "a_b")
+        for _ in range(turns):
+            await asyncio.sleep(0)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        asyncio.run(main())
+        assert not asyncio.run(client.flush(timeout=5)).timed_out
+        gc.collect()
+    assert [str(w.message) for w in caught if "never awaited" in str(w.message)] == []
+    assert len({e["context"]["$message_id"] for e in api.events}) == 1_400
 
 
 @pytest.mark.parametrize("anyio_backend", ["trio"])

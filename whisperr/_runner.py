@@ -24,7 +24,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -92,6 +92,8 @@ class Host:
     serving: bool = False  # the serve loop runs
     # Set while a task starts sends as they come (from the stay's first send on).
     sends_wakeup: anyio.Event | None = None
+    # The deliveries and sends started as tasks whose coroutine has not run yet (see spawn).
+    unstarted: dict[object, Coroutine[Any, Any, None]] = attrs.field(factory=dict)
 
     def ended(self) -> bool:
         return self.loop is not None and self.loop.is_closed()
@@ -113,6 +115,28 @@ class Host:
         """Cancel the serve loop; only from the host's own thread."""
         if self.scope is not None:
             self.scope.cancel()
+
+    def spawn(self, tg: anyio.abc.TaskGroup, key: object, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` as a task of ``tg``; it calls ``started(key)`` first.
+
+        A task cancelled before its first step (the loop ended in the turn after it was
+        started) never runs its coroutine, and anyio's task wrapper leaves it to warn "never
+        awaited" at exit; ``close_unstarted()`` closes those instead, once the group is done.
+        """
+        self.unstarted[key] = work
+        tg.start_soon(_as_is, work, name=getattr(work, "__qualname__", None))
+
+    def started(self, key: object) -> None:
+        self.unstarted.pop(key, None)
+
+    def close_unstarted(self) -> None:
+        for work in self.unstarted.values():
+            work.close()
+        self.unstarted.clear()
+
+
+def _as_is(work: Coroutine[Any, Any, None]) -> Coroutine[Any, Any, None]:
+    return work
 
 
 class _OwnLoop(asyncio.SelectorEventLoop):
@@ -366,7 +390,7 @@ class Runner:
                         if batch.identify:
                             await self._deliver(host, http, batch)
                         else:
-                            tg.start_soon(self._deliver, host, http, batch)
+                            host.spawn(tg, batch, self._deliver(host, http, batch))
                             # One batch taken and encoded at a time: the app's own tasks run
                             # between two, so a deep queue never holds the loop for long.
                             await anyio.lowlevel.checkpoint()
@@ -376,6 +400,7 @@ class Runner:
                     host.wake_sends()
         finally:
             host.start_sends = None
+            host.close_unstarted()
 
     async def _start_sends_as_they_come(self, host: Host) -> None:
         """Start each send handed in, at once (also while an identify is delivered inline),
@@ -403,7 +428,7 @@ class Runner:
         while self._sends:
             job = self._sends.popleft()
             self.sending.add(job)
-            tg.start_soon(self._send, host, http, job)
+            host.spawn(tg, job, self._send(host, http, job))
 
     async def _next_batch(self, host: Host) -> Batch | None:
         """Wait until a batch should go out and return it; None once this stay is over."""
@@ -458,6 +483,7 @@ class Runner:
         return event.is_set()
 
     async def _deliver(self, host: Host, http: Pool, batch: Batch) -> None:
+        host.started(batch)
         scheduler = self._scheduler
         outcome, failed = None, False
         try:
@@ -475,6 +501,7 @@ class Runner:
             host.wake()
 
     async def _send(self, host: Host, http: Pool, job: SendJob) -> None:
+        host.started(job)
         try:
             await self._delivery.send_now(http, job)
         except Exception:
