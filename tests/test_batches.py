@@ -1,4 +1,5 @@
-"""Batch assembly at its byte limit (an internal invariant the public API cannot reach exactly)."""
+"""Batch assembly at its byte limit (an internal invariant the public API cannot reach exactly),
+and a deep queue's batch encoded ahead of its take, a step at a time."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from collections.abc import Iterator
 import pytest
 
 from whisperr import _events
-from whisperr._batches import take_batch
+from whisperr._batches import ENCODE_STEP, take_batch
+from whisperr._intake import Intake
 from whisperr._ledger import Ledger
 
 BASE = _events.encode_base_context({"sdk_name": "test"})
@@ -141,3 +143,96 @@ def test_a_queue_appended_to_while_it_is_read_still_gives_its_batch() -> None:
     assert queue.raced
     assert batch is not None
     assert (batch.items, taken, len(queue)) == ([item(1), item(2)], 2, 0)
+
+
+# -- encoding ahead ---------------------------------------------------------------------------
+
+
+def make_intake(items: list[_events.Item], max_size: int = 10_000) -> Intake:
+    intake = Intake(
+        max_size=max_size, max_bytes=10**9, drop_newest=False, ledger=Ledger(None),
+        wake=lambda: None, disabled=False,
+    )  # fmt: skip
+    for event in items:
+        intake.put(event, len(event[3]))
+    return intake
+
+
+def take_all(intake: Intake, *, stepped: bool, max_bytes: int) -> list[tuple[list, list]]:
+    """Every batch the intake gives, as (items, bodies); ``stepped``: encoded ahead first, as
+    the runner does."""
+    batches = []
+    while len(intake):
+        while stepped and intake.encode_ahead(max_size=500, max_bytes=max_bytes, base_context=BASE):
+            pass
+        batch = intake.take(max_size=500, max_bytes=max_bytes, base_context=BASE, now=NOW)
+        if batch is not None:
+            batches.append((batch.items, batch.bodies))
+    return batches
+
+
+@pytest.mark.parametrize("max_bytes", [1_000_000, 20_000])
+def test_batches_encoded_ahead_are_the_batches_taken_at_once(max_bytes: int) -> None:
+    """Tracks of many sizes, an identify, an expired event and one that cannot be encoded, in a
+    queue deep enough to be encoded ahead: the same batches, the same bodies, either way."""
+    events = [item(n % 97) for n in range(4_000)]
+    events[700] = ("u", None, NOW, b'{"external_user_id":"u"}', "")  # an identify
+    events[1300] = ("u", "a_b", NOW - _events.MAX_PAST, b"{}", "old")  # expired
+    events[2100] = ("user_\ud800", "a_b", NOW, b"{}", "bad")  # cannot be encoded
+    at_once = take_all(make_intake(events), stepped=False, max_bytes=max_bytes)
+    stepped = take_all(make_intake(events), stepped=True, max_bytes=max_bytes)
+    assert stepped == at_once
+    assert len(at_once) > 8
+
+
+def test_about_one_batch_queued_is_not_encoded_ahead() -> None:
+    """A steady flow (less than two batches queued) is taken in one step, as it comes."""
+    intake = make_intake([item(0) for _ in range(999)])
+    assert not intake.encode_ahead(max_size=500, max_bytes=1_000_000, base_context=BASE)
+    intake.put(item(0), 10)
+    assert intake.encode_ahead(max_size=500, max_bytes=1_000_000, base_context=BASE)
+
+
+def test_a_batch_encoded_ahead_encodes_each_event_once_and_in_steps(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    encoded: list[int] = []
+    encode = _events.encode_event
+
+    def counting(event: _events.Item, tail: bytes) -> bytes:
+        encoded.append(1)
+        return encode(event, tail)
+
+    monkeypatch.setattr(_events, "encode_event", counting)
+    intake = make_intake([item(n % 10) for n in range(1_000)])  # two batches: a backlog
+    steps = []
+    while intake.encode_ahead(max_size=500, max_bytes=1_000_000, base_context=BASE):
+        steps.append(len(encoded))
+    batch = intake.take(max_size=500, max_bytes=1_000_000, base_context=BASE, now=NOW)
+    assert batch is not None
+    assert len(batch.items) == 500
+    assert steps == [ENCODE_STEP]  # 250 ahead, the take the other 250
+    assert len(encoded) == 500
+
+
+def test_an_overflow_after_encoding_ahead_makes_the_take_encode_again() -> None:
+    """drop_oldest from a caller's thread pops the front that was encoded ahead: the take
+    must not pair those bodies with the events now at the front."""
+    events = [item(n % 50) for n in range(1_200)]
+    intake = make_intake(events, max_size=1_200)
+    assert intake.encode_ahead(max_size=500, max_bytes=1_000_000, base_context=BASE)
+    intake.put(item(0), 10)  # full: the oldest is dropped
+    batch = intake.take(max_size=500, max_bytes=1_000_000, base_context=BASE, now=NOW)
+    assert batch is not None
+    assert batch.items == events[1:501]
+    tail = _events.context_tail(BASE)
+    assert batch.bodies == [_events.encode_event(e, tail) for e in batch.items]
+
+
+def test_after_an_overflow_the_next_step_leaves_the_take_to_encode() -> None:
+    """Overflow on every put would otherwise keep restarting the steps, and the take waiting."""
+    intake = make_intake([item(n % 50) for n in range(1_200)], max_size=1_200)
+    assert intake.encode_ahead(max_size=500, max_bytes=1_000_000, base_context=BASE)
+    intake.put(item(0), 10)  # full: the oldest is dropped
+    assert not intake.encode_ahead(max_size=500, max_bytes=1_000_000, base_context=BASE)
+    assert intake.encode_ahead(max_size=500, max_bytes=1_000_000, base_context=BASE)  # afresh

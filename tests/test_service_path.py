@@ -11,6 +11,7 @@ import pytest
 
 import whisperr
 from whisperr import _events
+from whisperr._batches import ENCODE_STEP
 from whisperr._schedule import Scheduler
 
 from .conftest import Api
@@ -52,6 +53,44 @@ async def test_the_runner_lets_other_tasks_run_between_two_batches(
     assert len(api.events) == 2_000
     assert len(seen_at) == 20
     assert len(set(seen_at)) == len(seen_at), f"batches taken within one step: {seen_at}"
+
+
+async def test_no_step_of_the_runner_encodes_a_whole_batch(
+    api: Api, settings: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a backlog (two batches or more) drains, its batches of 500 are encoded in steps
+    of ENCODE_STEP events: another task of the loop gets a turn between two (before, one step
+    encoded the whole batch). The last batch, alone in the queue, goes in one step."""
+    encoded = 0
+    encode = _events.encode_event
+
+    def counting(event: _events.Item, tail: bytes) -> bytes:
+        nonlocal encoded
+        encoded += 1
+        return encode(event, tail)
+
+    monkeypatch.setattr(_events, "encode_event", counting)
+    client = whisperr.AsyncClient(**settings, max_batch_size=500, max_concurrency=16)
+    for i in range(2_000):  # 4 batches, queued before the runner's first step
+        client.track("u", "payment_failed", {"i": i})
+    per_turn: list[int] = []
+
+    async def ticker() -> None:
+        seen = 0
+        while True:
+            per_turn.append(encoded - seen)
+            seen = encoded
+            await anyio.lowlevel.checkpoint()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ticker)
+        assert (await client.flush()).timed_out is False
+        tg.cancel_scope.cancel()
+    await client.aclose()
+    assert len(api.events) == 2_000
+    assert encoded == 2_000  # each event once
+    assert [n for n in per_turn if n > ENCODE_STEP] == [500], per_turn
+    assert per_turn.count(ENCODE_STEP) == 6  # three batches in two steps each
 
 
 def test_a_caller_that_finds_the_id_pool_empty_makes_a_few_ids_only(

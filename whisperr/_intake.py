@@ -15,7 +15,7 @@ from collections.abc import Callable
 from operator import itemgetter
 
 from . import _events as ev
-from ._batches import Batch, take_batch
+from ._batches import Ahead, Batch, take_batch
 from ._errors import ClientClosedError
 from ._ledger import Ledger
 
@@ -88,6 +88,7 @@ class Intake:
         # do not switch threads in CPython), taken off under it; zeroed whenever the queue is.
         self.bytes = 0
         self.wake_at = 1  # the queue length at which put() calls wake
+        self._ahead = Ahead()
 
     def __len__(self) -> int:
         return len(self.queue)
@@ -154,6 +155,7 @@ class Intake:
 
     def _retract(self, item: ev.Item) -> None:
         with self.lock:
+            self._ahead.clear()  # the queue changes in the middle, not at its head
             try:
                 self.queue.remove(item)
             except ValueError:
@@ -171,6 +173,7 @@ class Intake:
     ) -> Batch | None:
         """The next batch off the front (see :func:`take_batch`), or None."""
         with self.lock:
+            ahead = self._ahead
             batch, taken = take_batch(
                 self.queue,
                 self.head,
@@ -179,7 +182,9 @@ class Intake:
                 base_context=base_context,
                 now=now,
                 ledger=self._ledger,
+                ahead=ahead.bodies if ahead.position == self.head else (),
             )
+            ahead.clear()
             self.head += taken
             if not self.queue:
                 self.bytes = 0
@@ -187,9 +192,26 @@ class Intake:
                 self.bytes -= bytes_of(batch.items)
         return batch
 
+    def encode_ahead(self, *, max_size: int, max_bytes: int, base_context: bytes) -> bool:
+        """Encode one step of the next batch ahead of its take (see :class:`Ahead`); True
+        while steps remain. Only for a backlog (two batches or more queued): a steady flow of
+        about one batch is taken in one step as before, where a turn more costs more than it
+        spares."""
+        if len(self.queue) < 2 * max_size:  # the common case, without the lock
+            return False
+        with self.lock:
+            return self._ahead.step(
+                self.queue,
+                self.head,
+                max_size=max_size,
+                max_bytes=max_bytes,
+                tail=ev.context_tail(base_context),
+            )
+
     def drain(self) -> list[ev.Item]:
         """Everything queued, taken at once (at close, to be reported)."""
         with self.lock:
+            self._ahead.clear()
             items = list(self.queue)
             self.queue.clear()
             self.head += len(items)

@@ -447,6 +447,9 @@ class Runner:
                 self._next_capture_report = now + interval
                 ledger.report_capture_drops()
             scheduler.release_waiters()
+            if scheduler.encode_ahead():  # a deep queue: its next batch is encoded in steps,
+                await anyio.lowlevel.checkpoint()  # and the app's own tasks run between two
+                continue
             batch = scheduler.ready_batch(now, self.state is RunnerState.CLOSING)
             if batch is not None:
                 return batch

@@ -202,6 +202,14 @@ class Scheduler:
         rnd = self.barriers.round
         return [b for b in self.retained if b.retained_round < rnd or now >= self._paused_until]
 
+    def encode_ahead(self) -> bool:
+        """Encode a step of the queue's next batch before it is taken; True while steps remain
+        (the runner yields between two, and takes the batch once this says False)."""
+        s = self._settings
+        return self._intake.encode_ahead(
+            max_size=s.max_batch_size, max_bytes=s.max_batch_bytes, base_context=self._base_context
+        )
+
     def ready_batch(self, now: float, closing: bool = False) -> Batch | None:
         """The next batch to send now, moved in flight; None if none should go yet.
 
