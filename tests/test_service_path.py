@@ -3,6 +3,7 @@ happens on the caller's track() path."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -17,6 +18,15 @@ from whisperr._schedule import Scheduler
 from .conftest import Api
 
 pytestmark = pytest.mark.anyio
+
+
+async def drain_beside(client: whisperr.AsyncClient, ticker: Callable[[], Awaitable[None]]) -> None:
+    """Flush and close ``client`` while ``ticker`` runs as another task of the loop."""
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ticker)
+        assert (await client.flush()).timed_out is False
+        tg.cancel_scope.cancel()
+    await client.aclose()
 
 
 async def test_the_runner_lets_other_tasks_run_between_two_batches(
@@ -45,11 +55,7 @@ async def test_the_runner_lets_other_tasks_run_between_two_batches(
             ticks += 1
             await anyio.lowlevel.checkpoint()
 
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(ticker)
-        assert (await client.flush()).timed_out is False
-        tg.cancel_scope.cancel()
-    await client.aclose()
+    await drain_beside(client, ticker)
     assert len(api.events) == 2_000
     assert len(seen_at) == 20
     assert len(set(seen_at)) == len(seen_at), f"batches taken within one step: {seen_at}"
@@ -82,11 +88,7 @@ async def test_no_step_of_the_runner_encodes_a_whole_batch(
             seen = encoded
             await anyio.lowlevel.checkpoint()
 
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(ticker)
-        assert (await client.flush()).timed_out is False
-        tg.cancel_scope.cancel()
-    await client.aclose()
+    await drain_beside(client, ticker)
     assert len(api.events) == 2_000
     assert encoded == 2_000  # each event once
     assert [n for n in per_turn if n > ENCODE_STEP] == [500], per_turn
