@@ -83,6 +83,19 @@ def _of_type(
     return check
 
 
+def _one_of(*choices: object) -> _Validator:
+    """A validator: the value is one of ``choices`` (looked up in a tuple, so that an
+    unhashable value is refused like any other)."""
+    names = [repr(choice) for choice in choices]
+    what = f"{', '.join(names[:-1])} or {names[-1]}"
+
+    def check(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if value not in choices:
+            raise _wrong_type(attribute.name, what, value)
+
+    return check
+
+
 def _callable(*, optional: bool = False) -> _Validator:
     what = "a callable or None" if optional else "a callable"
 
@@ -203,7 +216,9 @@ class Settings:
     max_queue_bytes: int = attrs.field(
         default=_env("max_queue_bytes", DEFAULT_MAX_QUEUE_BYTES), validator=[_INT, _positive]
     )
-    overflow: Overflow = attrs.field(default=_env("overflow", "drop_oldest"))
+    overflow: Overflow = attrs.field(
+        default=_env("overflow", "drop_oldest"), validator=_one_of("drop_oldest", "drop_newest")
+    )
     max_retries: int = attrs.field(
         default=_env("max_retries", DEFAULT_MAX_RETRIES), validator=[_INT, _non_negative]
     )
@@ -225,7 +240,9 @@ class Settings:
     )
     on_error: OnError | None = attrs.field(default=None, validator=_OPTIONAL_CALLABLE)
     before_send: BeforeSend | None = attrs.field(default=None, validator=_OPTIONAL_CALLABLE)
-    pii: Pii | None = attrs.field(default=_env("pii", None))
+    pii: Pii | None = attrs.field(
+        default=_env("pii", None), validator=_one_of("raise", "drop_fields", None)
+    )
     metrics: bool = attrs.field(default=_env("metrics", False), validator=_BOOL)
     meter_provider: Any = None
     strict: bool = attrs.field(default=_env("strict", True), validator=_BOOL)
@@ -237,7 +254,9 @@ class Settings:
     proxy: str | None = attrs.field(default=_env("proxy", None))
     verify: bool | str | ssl.SSLContext = attrs.field(default=_env("verify", True))
     spool_path: str | os.PathLike[str] | None = attrs.field(default=_env("spool_path", None))
-    spool_mode: SpoolMode = attrs.field(default=_env("spool_mode", "on_failure"))
+    spool_mode: SpoolMode = attrs.field(
+        default=_env("spool_mode", "on_failure"), validator=_one_of("on_failure", "always")
+    )
     spool_max_bytes: int = attrs.field(
         default=_env("spool_max_bytes", DEFAULT_SPOOL_MAX_BYTES), validator=[_INT, _positive]
     )
@@ -343,35 +362,11 @@ class Settings:
         if value < 4096:
             raise ConfigError(f"max_batch_bytes must be >= 4096, got {value!r}")
 
-    @overflow.validator
-    def _check_overflow(self, attribute: attrs.Attribute[Any], value: str) -> None:
-        if value not in ("drop_oldest", "drop_newest"):  # a tuple: an unhashable value is no error
-            raise ConfigError(
-                f"overflow must be 'drop_oldest' or 'drop_newest', got {value!r:.200} "
-                f"({type(value).__name__})"
-            )
-
     @spool_path.validator
     def _check_spool_path(self, attribute: attrs.Attribute[Any], value: object) -> None:
         if value is not None and (not isinstance(value, (str, os.PathLike)) or not str(value)):
             raise ConfigError(
                 f"spool_path must be a file path (str or os.PathLike) or None, got {value!r:.200}"
-            )
-
-    @spool_mode.validator
-    def _check_spool_mode(self, attribute: attrs.Attribute[Any], value: object) -> None:
-        if value not in ("on_failure", "always"):
-            raise ConfigError(
-                f"spool_mode must be 'on_failure' or 'always', got {value!r:.200} "
-                f"({type(value).__name__})"
-            )
-
-    @pii.validator
-    def _check_pii(self, attribute: attrs.Attribute[Any], value: object) -> None:
-        if value not in (None, "raise", "drop_fields"):
-            raise ConfigError(
-                f"pii must be 'raise', 'drop_fields' or None, got {value!r:.200} "
-                f"({type(value).__name__})"
             )
 
     @property
