@@ -151,6 +151,24 @@ async def test_queue_overflow_goes_to_the_file_instead_of_being_dropped(tmp_path
     assert sorted(row[0] for row in rows(path)) == sorted(ids)
 
 
+async def test_an_async_hook_gets_the_spools_reports_on_the_event_loop(tmp_path: Path) -> None:
+    """The overflow report is made on the spool's own thread: an async on_error hook still
+    runs, as a task of the client's event loop (before, starting it there failed)."""
+    path = tmp_path / "spool.db"
+    seen: list[tuple[str, str, int]] = []
+    loop_thread = threading.get_ident()
+
+    async def hook(report: whisperr.DeliveryReport) -> None:
+        seen.append((report.type, report.reason, threading.get_ident()))
+
+    c = client(path, down(), max_queue_size=10, on_error=hook)
+    for i in range(100):
+        c.track("u", "payment_failed", {"i": i})
+    await eventually(lambda: ("spooled", "queue_overflow", loop_thread) in seen)
+    await c.aclose(timeout=1)
+    assert {thread for _, _, thread in seen} == {loop_thread}
+
+
 async def test_identifies_are_never_spooled(tmp_path: Path) -> None:
     path = tmp_path / "spool.db"
     c = client(path, down())

@@ -37,7 +37,8 @@ in_hook: contextvars.ContextVar[bool] = contextvars.ContextVar("whisperr_in_hook
 class Ledger:
     """Counters of one client, and the ``on_error`` hook they feed.
 
-    ``spawn`` is the runner's ``TaskGroup.start_soon`` while it runs, for ``async`` hooks.
+    ``spawn`` starts a task in the runner's task group while it runs, for ``async`` hooks,
+    from any thread (see ``_runner.hook_spawner``).
     """
 
     on_error: OnError | None
@@ -184,16 +185,23 @@ class Ledger:
         try:
             with app_signals():
                 result = self.on_error(report)
-            if inspect.isawaitable(result):
-                if self.spawn is not None:
-                    self.spawn(_await_hook, result)  # the task copies the context: in_hook
-                else:
-                    logger.warning("whisperr: an async on_error hook was called outside the runner")
-                    getattr(result, "close", lambda: None)()
+            if inspect.isawaitable(result) and not self._spawned(result):
+                logger.warning("whisperr: an async on_error hook was called outside the runner")
+                getattr(result, "close", lambda: None)()
         except Exception:
             logger.exception("whisperr: the on_error hook raised; delivery goes on")
         finally:
             in_hook.reset(token)
+
+    def _spawned(self, result: Awaitable[Any]) -> bool:
+        """Start an async hook's awaitable as a task of the runner; False when none runs."""
+        if self.spawn is None:
+            return False
+        try:
+            self.spawn(_await_hook, result)  # the task copies the context: in_hook
+        except RuntimeError:  # the runner's loop ended meanwhile
+            return False
+        return True
 
 
 def events(count: int) -> str:

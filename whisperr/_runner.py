@@ -92,6 +92,8 @@ class Host:
     serving: bool = False  # the serve loop runs
     # Set while a task starts sends as they come (from the stay's first send on).
     sends_wakeup: anyio.Event | None = None
+    # Starts async on_error hooks as tasks of the serve loop's group, while it is open.
+    hooks: HookStarter | None = None
     # The deliveries and sends started as tasks whose coroutine has not run yet (see spawn).
     unstarted: dict[object, Coroutine[Any, Any, None]] = attrs.field(factory=dict)
 
@@ -137,6 +139,39 @@ class Host:
 
 def _as_is(work: Coroutine[Any, Any, None]) -> Coroutine[Any, Any, None]:
     return work
+
+
+class HookStarter:
+    """``Ledger.spawn`` while a task group of the runner is open: starts an async
+    ``on_error`` hook as a task of that group. Called from another thread (a report made by
+    the spool's worker thread), the hook waits in ``waiting`` and the host's loop is woken,
+    to start it from one of its tasks (``start_waiting()``)."""
+
+    def __init__(self, tg: anyio.abc.TaskGroup, host: Host) -> None:
+        self._tg = tg
+        self._host = host
+        self.waiting: collections.deque[tuple[Callable[..., Any], tuple[Any, ...]]] = (
+            collections.deque()
+        )
+
+    def __call__(self, func: Callable[..., Any], *args: Any) -> None:
+        if threading.get_ident() == self._host.thread:
+            self._tg.start_soon(func, *args)
+            return
+        work = (func, args)
+        self.waiting.append(work)
+        try:
+            self._host.schedule(self._host.wake)
+        except RuntimeError:  # that loop has ended: the hook is not run (and the caller says so)
+            with contextlib.suppress(ValueError):
+                self.waiting.remove(work)
+            raise
+
+    def start_waiting(self) -> None:
+        """Start the hooks handed in from other threads; from a task of the host's loop."""
+        while self.waiting:
+            func, args = self.waiting.popleft()
+            self._tg.start_soon(func, *args)
 
 
 class _OwnLoop(asyncio.SelectorEventLoop):
@@ -382,7 +417,7 @@ class Runner:
     async def _serve(self, host: Host, http: Pool) -> None:
         try:
             async with anyio.create_task_group() as tg:
-                self._ledger.spawn = tg.start_soon
+                self._ledger.spawn = host.hooks = HookStarter(tg, host)
                 host.start_sends = functools.partial(self._start_sends, tg, host, http)
                 host.serving = True
                 try:
@@ -395,7 +430,8 @@ class Runner:
                             # between two, so a deep queue never holds the loop for long.
                             await anyio.lowlevel.checkpoint()
                 finally:
-                    self._ledger.spawn = None
+                    host.hooks.start_waiting()
+                    self._ledger.spawn = host.hooks = None
                     host.serving = False
                     host.wake_sends()
         finally:
@@ -438,6 +474,8 @@ class Runner:
             if self._sends and host.start_sends is not None:
                 host.start_sends()
             ev.top_up_ids()  # here, not on a caller's track() path
+            if host.hooks is not None:
+                host.hooks.start_waiting()
             now = time.monotonic()
             if scheduler.spooler is not None:
                 self._replay(scheduler.spooler)
@@ -534,13 +572,14 @@ class Runner:
         try:
             with anyio.move_on_after(FINAL_HOOK_BUDGET):
                 async with anyio.create_task_group() as tg:
-                    self._ledger.spawn = tg.start_soon
+                    self._ledger.spawn = hooks = HookStarter(tg, host)
                     if http is not None:
                         host.start_sends = functools.partial(self._start_sends, tg, host, http)
                     self._scheduler.account_undelivered()
                     if self._scheduler.spooler is not None:
                         self._scheduler.spooler.close()  # the last writes, on this thread
                     self._ledger.report_capture_drops()
+                    hooks.start_waiting()  # reports the spool's thread made meanwhile
         finally:
             self._ledger.spawn = None
             host.start_sends = None
