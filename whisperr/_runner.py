@@ -426,8 +426,9 @@ class Runner:
                             await self._deliver(host, http, batch)
                         else:
                             host.spawn(tg, batch, self._deliver(host, http, batch))
-                            # One batch taken and encoded at a time: the app's own tasks run
-                            # between two, so a deep queue never holds the loop for long.
+                            # One batch taken at a time (a backlog's encoded in steps ahead of
+                            # it): the app's own tasks run between two, so a deep queue never
+                            # holds the loop for long.
                             await anyio.lowlevel.checkpoint()
                 finally:
                     host.hooks.start_waiting()
@@ -583,6 +584,7 @@ class Runner:
         finally:
             self._ledger.spawn = None
             host.start_sends = None
+            host.close_unstarted()  # sends the budget cut off before they began
 
     # -- flush and close -------------------------------------------------------------------
 
