@@ -7,6 +7,7 @@ import gc
 import logging
 import uuid
 import warnings
+from collections.abc import Callable
 from datetime import datetime, timezone
 from email.utils import format_datetime
 from typing import Any
@@ -632,13 +633,47 @@ def test_a_loop_that_ends_just_after_a_batch_was_taken_warns_nothing(
         for _ in range(turns):
             await asyncio.sleep(0)
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    def run() -> None:
         asyncio.run(main())
         assert not asyncio.run(client.flush(timeout=5)).timed_out
-        gc.collect()
-    assert [str(w.message) for w in caught if "never awaited" in str(w.message)] == []
+
+    assert never_awaited(run) == []
     assert len({e["context"]["$message_id"] for e in api.events}) == 1_400
+
+
+def never_awaited(run: Callable[[], object]) -> list[str]:
+    """The "never awaited" warnings that ``run()`` and a collection after it raise."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run()
+        gc.collect()
+    return [str(w.message) for w in caught if "never awaited" in str(w.message)]
+
+
+@pytest.mark.parametrize("turns", range(4))
+def test_a_loop_that_ends_before_an_async_hook_or_a_send_began_warns_nothing(
+    settings: dict[str, Any], turns: int
+) -> None:
+    """An async on_error hook and a send started as tasks in the loop's last turns: closed,
+    not left to warn, and the send counted as failed (cut off), not left under way."""
+
+    async def hook(report: whisperr.DeliveryReport) -> None:
+        pass
+
+    client = whisperr.AsyncClient(**settings, max_queue_size=5, on_error=hook)
+
+    async def main() -> None:
+        for _ in range(20):  # 15 dropped at capture: a report for the hook
+            client.track("u", "a_b")
+        asyncio.get_running_loop().create_task(client.send("u", "a_b"))
+        for _ in range(turns):
+            await asyncio.sleep(0)
+
+    assert never_awaited(lambda: asyncio.run(main())) == []
+    assert never_awaited(lambda: asyncio.run(client.aclose(timeout=5))) == []
+    stats = client.stats()
+    assert stats.sending == 0  # before, a send whose task never began stayed under way
+    assert stats.sent + stats.send_failed == 1  # sent, or counted as cut off
 
 
 @pytest.mark.parametrize("anyio_backend", ["trio"])

@@ -21,6 +21,7 @@ import pytest
 
 import whisperr
 from whisperr import _events as ev
+from whisperr._ledger import in_hook
 from whisperr._spool import Spool, SpoolBusy
 
 from .conftest import API_KEY, NOW, Api, Clock
@@ -153,15 +154,19 @@ async def test_queue_overflow_goes_to_the_file_instead_of_being_dropped(tmp_path
 
 async def test_an_async_hook_gets_the_spools_reports_on_the_event_loop(tmp_path: Path) -> None:
     """The overflow report is made on the spool's own thread: an async on_error hook still
-    runs, as a task of the client's event loop (before, starting it there failed)."""
+    runs, as a task of the client's event loop, inside the hook's context (before, starting
+    it there failed)."""
     path = tmp_path / "spool.db"
     seen: list[tuple[str, str, int]] = []
     loop_thread = threading.get_ident()
 
     async def hook(report: whisperr.DeliveryReport) -> None:
+        assert in_hook.get()  # flush() or aclose() from here returns at once, as documented
         seen.append((report.type, report.reason, threading.get_ident()))
 
     c = client(path, down(), max_queue_size=10, on_error=hook)
+    c.track("u", "payment_failed")
+    await c.flush()  # the runner serves this loop (attempted, failed, kept)
     for i in range(100):
         c.track("u", "payment_failed", {"i": i})
     await eventually(lambda: ("spooled", "queue_overflow", loop_thread) in seen)

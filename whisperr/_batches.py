@@ -99,7 +99,7 @@ class Ahead:
 
     position: int = -1
     bodies: list[bytes] = attrs.Factory(list)
-    properties_size: int = 0
+    size: int = 0  # the bodies' bytes, each with a comma
 
     def step(
         self, queue: deque[ev.Item], position: int, *, max_size: int, max_bytes: int, tail: bytes
@@ -126,8 +126,10 @@ class Ahead:
             return False
         if None in map(_EVENT_TYPE, chunk):
             return False  # an identify goes alone: the take's own path
-        size = self.properties_size + sum(map(len, map(_PROPERTIES, chunk)))
-        if size + done + len(chunk) > max_bytes - _ENVELOPE + 1:
+        # What the request has room for, each event with its comma (as in take_batch); the
+        # properties are a lower bound of what an event's body takes.
+        room = max_bytes - _ENVELOPE + 1
+        if self.size + sum(map(len, map(_PROPERTIES, chunk))) + len(chunk) > room:
             return False  # the take cuts the batch by bytes
         encode = ev.encode_event
         try:
@@ -135,11 +137,11 @@ class Ahead:
         except TypeError:  # a lone surrogate: the take drops it and reports it
             return False
         self.bodies += bodies
-        self.properties_size = size
-        return True
+        self.size += sum(map(len, bodies)) + len(bodies)
+        return self.size <= room  # else the take cuts what is encoded: no step more
 
     def clear(self) -> None:
-        self.position, self.bodies, self.properties_size = -1, [], 0
+        self.position, self.bodies, self.size = -1, [], 0
 
 
 def take_batch(

@@ -38,7 +38,7 @@ class Ledger:
     """Counters of one client, and the ``on_error`` hook they feed.
 
     ``spawn`` starts a task in the runner's task group while it runs, for ``async`` hooks,
-    from any thread (see ``_runner.hook_spawner``).
+    from any thread (see ``_runner.HookStarter``).
     """
 
     on_error: OnError | None
@@ -195,10 +195,11 @@ class Ledger:
 
     def _spawned(self, result: Awaitable[Any]) -> bool:
         """Start an async hook's awaitable as a task of the runner; False when none runs."""
-        if self.spawn is None:
+        spawn = self.spawn  # read once: the runner's thread may unset it meanwhile
+        if spawn is None:
             return False
         try:
-            self.spawn(_await_hook, result)  # the task copies the context: in_hook
+            spawn(_await_hook, result)  # the task copies the context: in_hook
         except RuntimeError:  # the runner's loop ended meanwhile
             return False
         return True

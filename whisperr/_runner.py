@@ -17,8 +17,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import contextvars
 import enum
 import functools
+import inspect
 import logging
 import socket
 import sys
@@ -95,7 +97,7 @@ class Host:
     # Starts async on_error hooks as tasks of the serve loop's group, while it is open.
     hooks: HookStarter | None = None
     # The deliveries and sends started as tasks whose coroutine has not run yet (see spawn).
-    unstarted: dict[object, Coroutine[Any, Any, None]] = attrs.field(factory=dict)
+    unstarted: dict[object, tuple[Any, ...]] = attrs.field(factory=dict)
 
     def ended(self) -> bool:
         return self.loop is not None and self.loop.is_closed()
@@ -118,23 +120,31 @@ class Host:
         if self.scope is not None:
             self.scope.cancel()
 
-    def spawn(self, tg: anyio.abc.TaskGroup, key: object, work: Coroutine[Any, Any, None]) -> None:
+    def spawn(
+        self, tg: anyio.abc.TaskGroup, key: object, work: Coroutine[Any, Any, None], *also: Any
+    ) -> None:
         """Run ``work`` as a task of ``tg``; it calls ``started(key)`` first.
 
         A task cancelled before its first step (the loop ended in the turn after it was
         started) never runs its coroutine, and anyio's task wrapper leaves it to warn "never
-        awaited" at exit; ``close_unstarted()`` closes those instead, once the group is done.
+        awaited" at exit; ``close_unstarted()`` closes those instead (and the coroutines in
+        ``also`` that ``work`` would have awaited), once the group is done.
         """
-        self.unstarted[key] = work
+        self.unstarted[key] = (work, *also)
         tg.start_soon(_as_is, work, name=getattr(work, "__qualname__", None))
 
     def started(self, key: object) -> None:
         self.unstarted.pop(key, None)
 
-    def close_unstarted(self) -> None:
-        for work in self.unstarted.values():
-            work.close()
+    def close_unstarted(self) -> list[object]:
+        """Close the coroutines that never ran; their keys, for the runner to settle."""
+        keys = list(self.unstarted)
+        for works in self.unstarted.values():
+            for work in works:
+                if inspect.iscoroutine(work):
+                    work.close()
         self.unstarted.clear()
+        return keys
 
 
 def _as_is(work: Coroutine[Any, Any, None]) -> Coroutine[Any, Any, None]:
@@ -150,15 +160,16 @@ class HookStarter:
     def __init__(self, tg: anyio.abc.TaskGroup, host: Host) -> None:
         self._tg = tg
         self._host = host
-        self.waiting: collections.deque[tuple[Callable[..., Any], tuple[Any, ...]]] = (
-            collections.deque()
-        )
+        self.waiting: collections.deque[
+            tuple[contextvars.Context, Callable[..., Any], tuple[Any, ...]]
+        ] = collections.deque()
 
     def __call__(self, func: Callable[..., Any], *args: Any) -> None:
         if threading.get_ident() == self._host.thread:
-            self._tg.start_soon(func, *args)
+            self._start(func, args)
             return
-        work = (func, args)
+        # The caller's context (in_hook set), which a task started here would have copied.
+        work = (contextvars.copy_context(), func, args)
         self.waiting.append(work)
         try:
             self._host.schedule(self._host.wake)
@@ -170,8 +181,16 @@ class HookStarter:
     def start_waiting(self) -> None:
         """Start the hooks handed in from other threads; from a task of the host's loop."""
         while self.waiting:
-            func, args = self.waiting.popleft()
-            self._tg.start_soon(func, *args)
+            context, func, args = self.waiting.popleft()
+            context.run(self._start, func, args)
+
+    def _start(self, func: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        key = object()
+        self._host.spawn(self._tg, key, self._run(key, func, args), *args)
+
+    async def _run(self, key: object, func: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        self._host.started(key)
+        await func(*args)
 
 
 class _OwnLoop(asyncio.SelectorEventLoop):
@@ -437,11 +456,19 @@ class Runner:
                     host.wake_sends()
         finally:
             host.start_sends = None
-            host.close_unstarted()
+            self._settle_unstarted(host)
+
+    def _settle_unstarted(self, host: Host) -> None:
+        """Sends whose task never ran end as the cut-off sends they are (a batch never sent
+        is in flight still, and kept by the stay's end)."""
+        for key in host.close_unstarted():
+            if isinstance(key, SendJob):
+                self._end_send(host, key)
 
     async def _start_sends_as_they_come(self, host: Host) -> None:
         """Start each send handed in, at once (also while an identify is delivered inline),
         as long as the serve loop runs or sends are under way."""
+        host.started(host)
         try:
             while True:
                 if host.start_sends is not None:
@@ -461,7 +488,7 @@ class Runner:
         first send, the task that starts the next ones as they come)."""
         if host.sends_wakeup is None and host.serving:
             host.sends_wakeup = anyio.Event()
-            tg.start_soon(self._start_sends_as_they_come, host)
+            host.spawn(tg, host, self._start_sends_as_they_come(host))
         while self._sends:
             job = self._sends.popleft()
             self.sending.add(job)
@@ -550,16 +577,19 @@ class Runner:
             logger.exception("whisperr: unexpected error while sending")
             job.fail(job.stopped("unexpected error while sending (logged)", 0))
         finally:
-            if not job.done.is_set():  # cancelled: the close ran out of time, or the loop ended
-                job.fail(
-                    job.stopped(
-                        "cut off before it landed: the client closed, or its event loop ended", 0
-                    )
+            self._end_send(host, job)
+
+    def _end_send(self, host: Host, job: SendJob) -> None:
+        if not job.done.is_set():  # cancelled: the close ran out of time, or the loop ended
+            job.fail(
+                job.stopped(
+                    "cut off before it landed: the client closed, or its event loop ended", 0
                 )
-            self.sending.discard(job)
-            self._ledger.settle_send(job.error is None)
-            host.wake_sends()
-            host.wake()  # the serve loop may be waiting for the client to become idle
+            )
+        self.sending.discard(job)
+        self._ledger.settle_send(job.error is None)
+        host.wake_sends()
+        host.wake()  # the serve loop may be waiting for the client to become idle
 
     def _stop_sends(self, jobs: set[SendJob] | collections.deque[SendJob], why: str) -> None:
         for job in list(jobs):
@@ -584,7 +614,7 @@ class Runner:
         finally:
             self._ledger.spawn = None
             host.start_sends = None
-            host.close_unstarted()  # sends the budget cut off before they began
+            self._settle_unstarted(host)  # sends whose task the loop's end cut off
 
     # -- flush and close -------------------------------------------------------------------
 
