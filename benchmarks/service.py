@@ -10,9 +10,12 @@ httptools, ``POST /payments/{user_id}/failed`` building a 3-key properties dict 
 SDK once. Configurations: **none** (the route tracks nothing: the baseline), **ours**
 (``whisperr.init()`` in the lifespan and ``whisperr.track()``, as the README shows), **official**
 (whisperr 0.2.1, ``Whisperr(...).track()``) and **posthog** (``AsyncPosthog(...).capture()``),
-each with its default settings. The official SDK also imports as ``whisperr``, so every SDK
-runs in its own interpreter (``--ours-python``, ``--official-python``, ``--posthog-python``;
-by default cached venvs under ``~/.cache/whisperr-bench/service-*``, built on first use).
+each with its default settings; and **floor**, no SDK but the least any in-process queue can
+cost (orjson encodes the properties, a tuple goes on a deque, nothing is validated or sent),
+which says how much of what the SDKs cost any such design pays here. The official SDK also
+imports as ``whisperr``, so every SDK runs in its own interpreter (``--ours-python``,
+``--official-python``, ``--posthog-python``; by default cached venvs under
+``~/.cache/whisperr-bench/service-*``, built on first use).
 
 **The processes** (127.0.0.1 only): uvicorn pinned to the first CPU; on the second, this script,
 the load generator and the ingestion sink, ``python -m whisperr.server --no-validate`` (posthog
@@ -46,7 +49,9 @@ Then, outside the service (``--parts burst,startup``):
   ``--tick-ms`` (1 ms: uvloop rounds shorter timers to 0 and the ticker would spin) records how
   late it wakes; the **longest stall** is the largest lag of the ticks that started after the
   tracking loop, i.e. while the SDK drained. Also the tracking loop's time, the **drain** time
-  (end of tracking to flush returned), and what the sink received.
+  (end of tracking to flush returned), and what the sink received. The **floor** row does the
+  same with no SDK: a deque of orjson-encoded tuples, drained 100 events a step (about 50 µs)
+  without sending; its stalls are the machine's own (preemption by the host, the collector).
 - **import**: ``import whisperr`` (posthog: ``import posthog``) timed with ``perf_counter`` in
   a fresh ``python -c`` process, and the same up to the client class too (``AsyncClient``,
   ``Whisperr``, ``AsyncPosthog``): this project's ``import whisperr`` is lazy and loads httpx,
@@ -55,7 +60,9 @@ Then, outside the service (``--parts burst,startup``):
   other SDKs at install: an editable checkout's bytecode is stale after every change.
 - **first delivered event**: wall time from spawning a fresh ``python -c`` that imports the SDK,
   makes a client, tracks one event and flushes, until the sink has stored it (polled every
-  millisecond from here); median of ``--startup-runs``.
+  millisecond from here); median of ``--startup-runs``. The **floor** row is this project's
+  dependencies alone (``import asyncio, anyio, attrs, h11, httpx, orjson`` in a fresh process,
+  then exit): what any SDK built on them pays before its first event.
 
 Every service run also records, in the JSON and under *Every run*, the share of uvicorn's CPU
 that other processes took meanwhile (``/proc/stat``; on a shared box the figures move with it)
@@ -93,8 +100,10 @@ import _harness as h
 import loadgen
 
 SERVICE_DIR = h.BENCH_DIR / "service"
-CONFIGS = ("none", "ours", "official", "posthog")
+CONFIGS = ("none", "ours", "official", "posthog", "floor")
+UNSENT = ("none", "floor")  # configurations that send nothing
 SDKS = ("ours", "official", "posthog")
+WITH_FLOOR = (*SDKS, "floor")  # the burst and start-up parts: the SDKs, then the floor
 PARTS = ("service", "burst", "startup")
 KEY = "wrk_bench"
 ROUTE = "/payments/user_8842/failed"
@@ -122,6 +131,13 @@ _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # 127.0.
 IMPORT_CODE = (
     "import time; t0 = time.perf_counter(); import {module}; t1 = time.perf_counter(); "
     "{module}.{cls}; print(t1 - t0, time.perf_counter() - t0)"
+)
+# The start-up floor: the dependencies this project is built on (asyncio, anyio and its backend,
+# attrs, h11, httpx, orjson) imported in a fresh process, and nothing else.
+DEPENDENCIES_CODE = (
+    "import time; t0 = time.perf_counter(); "
+    "import asyncio, anyio, anyio._backends._asyncio, attrs, h11, httpx, orjson; "
+    "print(time.perf_counter() - t0)"
 )
 # Each gets the sink's URL as sys.argv[1]: import, one client, one event, flush, close.
 FIRST_EVENT_CODE = {
@@ -365,7 +381,7 @@ class Bench:
         a = self.args
         needed = {"ours"}  # it also runs the sink and the none configuration
         if "service" in a.parts:
-            needed |= set(a.configs) - {"none"}
+            needed |= set(a.configs) - set(UNSENT)
         if {"burst", "startup"} & set(a.parts):
             needed |= set(SDKS)
         for sdk in (s for s in SDKS if s in needed):
@@ -373,7 +389,7 @@ class Bench:
             self.python[sdk] = interpreter(sdk, explicit, a.venv_dir)
             self.versions[sdk] = versions(self.python[sdk], sdk)
             h.log(f"[setup] {sdk:<9} {self.python[sdk]}  {self.versions[sdk]}")
-        self.python["none"] = self.python["ours"]
+        self.python["none"] = self.python["floor"] = self.python["ours"]  # floor: its orjson
 
     def load_line(self) -> str:
         if self.wrk:
@@ -507,7 +523,7 @@ class Bench:
         a = self.args
         for rep in range(a.burst_reps):
             h.log(f"[burst] repetition {rep + 1}/{a.burst_reps}: {a.burst_events:,} events")
-            for sdk in h.rotated(SDKS, rep):
+            for sdk in h.rotated(WITH_FLOOR, rep):
                 sink.reset()
                 spec = {
                     "sdk": sdk,
@@ -520,7 +536,7 @@ class Bench:
                 run = {"sdk": sdk, "rep": rep, **result_line(run_pinned(cmd, 300 + GRACE_S))}
                 counts = sink.counts()
                 run["delivered"] = counts["lenient"] if sdk == "posthog" else counts["unique"]
-                run["expected"] = a.burst_events + 1  # and the warm-up event
+                run["expected"] = 0 if sdk == "floor" else a.burst_events + 1  # and the warm-up
                 self.burst_runs.append(run)
                 h.log(f"  {sdk:<9} {describe_burst(run)}")
 
@@ -548,12 +564,29 @@ class Bench:
                     )
                 run.update(self.first_event(sdk, sink))
                 self.startup_runs.append(run)
-        for sdk in SDKS:
+            self.startup_runs.append(self.dependencies_alone(i))
+        for sdk in WITH_FLOOR:
             mine = [r for r in self.startup_runs if r["sdk"] == sdk]
             h.log(
                 f"  {sdk:<9} import {fmt_list([r['import_ms'] for r in mine])} ms, "
                 f"first event {fmt_list([r['first_ms'] for r in mine])} ms"
             )
+
+    def dependencies_alone(self, i: int) -> dict[str, Any]:
+        """The floor: a fresh process that imports this project's dependencies, then exits."""
+        t0 = time.perf_counter()
+        done = run_pinned([str(self.python["ours"]), "-c", DEPENDENCIES_CODE], 60)
+        exited = time.perf_counter()
+        imported = float(done.stdout) * 1000 if done.returncode == 0 else None
+        return {
+            "sdk": "floor",
+            "run": i,
+            "import_ms": imported,
+            "client_class_ms": imported,
+            "first_ms": None,
+            "exit_ms": (exited - t0) * 1000,
+            "returncode": done.returncode,
+        }
 
     def first_event(self, sdk: str, sink: h.Server, timeout: float = 30.0) -> dict[str, Any]:
         """Spawn the one-event script; poll the sink until it holds the event."""
@@ -706,7 +739,7 @@ def summarize(bench: Bench) -> dict[str, Any]:
             bench.service_runs, config, ("fixed", "cpu_us_per_request"), "-"
         )
     burst = {}
-    for sdk in SDKS if "burst" in a.parts else ():
+    for sdk in WITH_FLOOR if "burst" in a.parts else ():
         runs = [r for r in bench.burst_runs if r["sdk"] == sdk and "error" not in r]
         burst[sdk] = {
             "runs": len(runs),
@@ -723,7 +756,7 @@ def summarize(bench: Bench) -> dict[str, Any]:
             "delivered": [f"{r['delivered']:,} / {r['expected']:,}" for r in runs],
         }
     startup = {}
-    for sdk in SDKS if "startup" in a.parts else ():
+    for sdk in WITH_FLOOR if "startup" in a.parts else ():
         runs = [r for r in bench.startup_runs if r["sdk"] == sdk]
         startup[sdk] = {key: spread([r[key] for r in runs]) for key in STARTUP_FIELDS}
     return {"service": service, "burst": burst, "startup": startup}
@@ -751,6 +784,7 @@ LABELS = {
     "ours": "ours: `whisperr.track()`",
     "official": "official 0.2.1: `Whisperr.track()`",
     "posthog": "posthog: `AsyncPosthog.capture()`",
+    "floor": "floor: orjson + `deque.append()`, nothing sent",
 }
 
 
@@ -768,7 +802,7 @@ def tables(bench: Bench, summary: dict[str, Any]) -> list[str]:
         ]
         for config, row in service.items():
             t = row["track_us"]
-            delivered = "n/a" if config == "none" else f"{row['delivered']:,} / {row['tracked']:,}"
+            delivered = "n/a" if config in UNSENT else f"{row['delivered']:,} / {row['tracked']:,}"
             track = "n/a" if config == "none" else " / ".join(fmt(t[q], 2) for q in t)
             lines.append(
                 f"| {LABELS[config]} | {fmt(row['rps'])} | {fmt(row['kept'], 3, 'x')} | "
