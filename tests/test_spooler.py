@@ -9,9 +9,11 @@ tests/test_spool_store.py tests the store alone.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,7 @@ import pytest
 
 import whisperr
 from whisperr import _events as ev
-from whisperr._ledger import in_hook
+from whisperr._ledger import Ledger, in_hook
 from whisperr._spool import Spool, SpoolBusy
 
 from .conftest import API_KEY, NOW, Api, Clock
@@ -172,6 +174,59 @@ async def test_an_async_hook_gets_the_spools_reports_on_the_event_loop(tmp_path:
     await eventually(lambda: ("spooled", "queue_overflow", loop_thread) in seen)
     await c.aclose(timeout=1)
     assert {thread for _, _, thread in seen} == {loop_thread}
+
+
+async def test_an_async_hook_gets_a_report_made_before_the_runner_served(tmp_path: Path) -> None:
+    """Overflow sent to the file while the loop has not let the runner serve yet is reported on
+    the spool's thread with no task group of the runner open: the hook waits, and the runner's
+    first step starts it on the loop, in the hook's context (before, it was skipped with a
+    warning, "called outside the runner")."""
+    path = tmp_path / "spool.db"
+    called: list[int] = []  # the threads on_error was called on
+    seen: list[tuple[str, str, int]] = []
+    loop_thread = threading.get_ident()
+
+    async def hook(report: whisperr.DeliveryReport) -> None:
+        assert in_hook.get()
+        seen.append((report.type, report.reason, threading.get_ident()))
+
+    def on_error(report: whisperr.DeliveryReport) -> Any:
+        called.append(threading.get_ident())
+        return hook(report)
+
+    c = client(path, down(), max_queue_size=10, on_error=on_error)
+    for i in range(100):
+        c.track("u", "payment_failed", {"i": i})
+    # This task holds the loop (no await), so the runner cannot have served: wait, bounded,
+    # for the spool's thread to report the overflow.
+    deadline = time.monotonic() + WAIT
+    while not called and time.monotonic() < deadline:
+        time.sleep(0.01)  # noqa: ASYNC251 (holding the loop is the point)
+    assert called
+    assert loop_thread not in called
+    await eventually(lambda: ("spooled", "queue_overflow", loop_thread) in seen)
+    await c.aclose(timeout=1)
+    assert {thread for _, _, thread in seen} == {loop_thread}
+
+
+def test_the_last_stay_closes_the_async_hooks_no_runner_can_start(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A hook still waiting for a runner when the client's last stay ends is closed (no "never
+    awaited" warning at exit) and said so, not dropped silently."""
+    ledger = Ledger(on_error=None)
+    ran: list[str] = []
+
+    async def hook() -> None:
+        ran.append("ran")
+
+    waiting = hook()
+    ledger.waiting_hooks.append((contextvars.copy_context(), waiting))
+    with caplog.at_level(logging.WARNING, logger="whisperr"):
+        ledger.drop_waiting_hooks()
+    assert waiting.cr_frame is None  # closed
+    assert (list(ledger.waiting_hooks), ran) == ([], [])
+    assert "an async on_error hook was not run: the client closed" in caplog.text
 
 
 async def test_identifies_are_never_spooled(tmp_path: Path) -> None:

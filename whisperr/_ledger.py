@@ -38,7 +38,9 @@ class Ledger:
     """Counters of one client, and the ``on_error`` hook they feed.
 
     ``spawn`` starts a task in the runner's task group while it runs, for ``async`` hooks,
-    from any thread (see ``_runner.HookStarter``).
+    from any thread (see ``_runner.HookStarter``). An async hook's awaitable that no task can
+    start at once (made on another thread, or while no group is open) waits in
+    ``waiting_hooks``, with the context it was made in, for the runner to start it.
     """
 
     on_error: OnError | None
@@ -52,7 +54,8 @@ class Ledger:
     replayed: int = 0  # taken from the spool by this client (then delivered, dropped or spooled)
     dropped: Counter[str] = attrs.field(factory=Counter)
     last_error: DeliveryReport | None = None
-    spawn: Callable[..., object] | None = None
+    spawn: Callable[[Awaitable[Any]], object] | None = None
+    waiting_hooks: deque[tuple[contextvars.Context, Awaitable[Any]]] = attrs.field(factory=deque)
     # Seconds from occurred_at to acknowledgement, of the last DELAY_WINDOW delivered events.
     delays: deque[float] = attrs.field(factory=lambda: deque(maxlen=DELAY_WINDOW))
     on_delivered: Callable[[float], None] | None = None  # metrics: each batch's oldest age
@@ -66,6 +69,7 @@ class Ledger:
         self.dropped = Counter()
         self.last_error = None
         self.spawn = None
+        self.waiting_hooks = deque()  # the parent's hooks are the parent's
         self.delays = deque(maxlen=DELAY_WINDOW)
         self._at_capture = []
         self._lock = threading.Lock()
@@ -185,24 +189,28 @@ class Ledger:
         try:
             with app_signals():
                 result = self.on_error(report)
-            if inspect.isawaitable(result) and not self._spawned(result):
-                logger.warning("whisperr: an async on_error hook was called outside the runner")
-                getattr(result, "close", lambda: None)()
+            if inspect.isawaitable(result):
+                self._start_hook(result)
         except Exception:
             logger.exception("whisperr: the on_error hook raised; delivery goes on")
         finally:
             in_hook.reset(token)
 
-    def _spawned(self, result: Awaitable[Any]) -> bool:
-        """Start an async hook's awaitable as a task of the runner; False when none runs."""
+    def _start_hook(self, result: Awaitable[Any]) -> None:
+        """An async hook's awaitable: a task of the runner now, or waiting for the runner."""
         spawn = self.spawn  # read once: the runner's thread may unset it meanwhile
-        if spawn is None:
-            return False
-        try:
-            spawn(_await_hook, result)  # the task copies the context: in_hook
-        except RuntimeError:  # the runner's loop ended meanwhile
-            return False
-        return True
+        if spawn is None:  # in the context made here (in_hook), as a task would copy it
+            self.waiting_hooks.append((contextvars.copy_context(), result))
+        else:
+            spawn(result)
+
+    def drop_waiting_hooks(self) -> None:
+        """At the end of the client's last stay: the hooks that no runner can start now are
+        closed, and said so."""
+        while self.waiting_hooks:
+            _, result = self.waiting_hooks.popleft()
+            getattr(result, "close", lambda: None)()
+            logger.warning("whisperr: an async on_error hook was not run: the client closed")
 
 
 def events(count: int) -> str:
@@ -210,7 +218,8 @@ def events(count: int) -> str:
     return f"{count} event" if count == 1 else f"{count} events"
 
 
-async def _await_hook(result: Awaitable[Any]) -> None:
+async def await_hook(result: Awaitable[Any]) -> None:
+    """Run an async hook's awaitable; one that raises never disturbs delivery."""
     try:
         await result
     except Exception:

@@ -26,7 +26,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -43,7 +43,7 @@ from ._batches import Batch
 from ._config import Settings
 from ._delivery import Delivery
 from ._intake import Intake
-from ._ledger import Ledger, in_hook
+from ._ledger import Ledger, await_hook, in_hook
 from ._schedule import Scheduler
 from ._send import SendJob
 from ._signal import Schedule, Signal, loop_here
@@ -96,7 +96,8 @@ class Host:
     sends_wakeup: anyio.Event | None = None
     # Starts async on_error hooks as tasks of the serve loop's group, while it is open.
     hooks: HookStarter | None = None
-    # The deliveries and sends started as tasks whose coroutine has not run yet (see spawn).
+    # The tasks started whose coroutine has not run yet (see spawn): deliveries, sends, the
+    # task that starts sends, async hooks.
     unstarted: dict[object, tuple[Any, ...]] = attrs.field(factory=dict)
 
     def ended(self) -> bool:
@@ -153,44 +154,37 @@ def _as_is(work: Coroutine[Any, Any, None]) -> Coroutine[Any, Any, None]:
 
 class HookStarter:
     """``Ledger.spawn`` while a task group of the runner is open: starts an async
-    ``on_error`` hook as a task of that group. Called from another thread (a report made by
-    the spool's worker thread), the hook waits in ``waiting`` and the host's loop is woken,
-    to start it from one of its tasks (``start_waiting()``)."""
+    ``on_error`` hook's awaitable as a task of that group. Called from another thread (a
+    report made by the spool's worker thread), it leaves the hook in the ledger's
+    ``waiting_hooks`` and wakes the host's loop, whose runner starts it (``start_waiting()``,
+    which also starts the hooks made while no group was open)."""
 
-    def __init__(self, tg: anyio.abc.TaskGroup, host: Host) -> None:
+    def __init__(self, tg: anyio.abc.TaskGroup, host: Host, ledger: Ledger) -> None:
         self._tg = tg
         self._host = host
-        self.waiting: collections.deque[
-            tuple[contextvars.Context, Callable[..., Any], tuple[Any, ...]]
-        ] = collections.deque()
+        self._waiting = ledger.waiting_hooks
 
-    def __call__(self, func: Callable[..., Any], *args: Any) -> None:
+    def __call__(self, hook: Awaitable[Any]) -> None:
         if threading.get_ident() == self._host.thread:
-            self._start(func, args)
+            self._start(hook)  # the task copies the caller's context (in_hook set)
             return
-        # The caller's context (in_hook set), which a task started here would have copied.
-        work = (contextvars.copy_context(), func, args)
-        self.waiting.append(work)
-        try:
+        self._waiting.append((contextvars.copy_context(), hook))
+        with contextlib.suppress(RuntimeError):  # that loop has ended: the next stay starts it
             self._host.schedule(self._host.wake)
-        except RuntimeError:  # that loop has ended: the hook is not run (and the caller says so)
-            with contextlib.suppress(ValueError):
-                self.waiting.remove(work)
-            raise
 
     def start_waiting(self) -> None:
-        """Start the hooks handed in from other threads; from a task of the host's loop."""
-        while self.waiting:
-            context, func, args = self.waiting.popleft()
-            context.run(self._start, func, args)
+        """Start the hooks that wait for the runner; from a task of the host's loop."""
+        while self._waiting:
+            context, hook = self._waiting.popleft()
+            context.run(self._start, hook)
 
-    def _start(self, func: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    def _start(self, hook: Awaitable[Any]) -> None:
         key = object()
-        self._host.spawn(self._tg, key, self._run(key, func, args), *args)
+        self._host.spawn(self._tg, key, self._run(key, hook), hook)
 
-    async def _run(self, key: object, func: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    async def _run(self, key: object, hook: Awaitable[Any]) -> None:
         self._host.started(key)
-        await func(*args)
+        await await_hook(hook)
 
 
 class _OwnLoop(asyncio.SelectorEventLoop):
@@ -429,6 +423,8 @@ class Runner:
                     restart = not self._idle() or self._ledger.capture_drops_pending
                     if ending is Ending.CUT:  # a loop ended: deliver all it left at once
                         self._scheduler.barriers.drain_to = self._intake.end
+            if finalize:  # the last stay: no runner will start the hooks still waiting
+                self._ledger.drop_waiting_hooks()
             host.done.set()
             if restart:
                 self.start(own_thread=True)
@@ -436,7 +432,7 @@ class Runner:
     async def _serve(self, host: Host, http: Pool) -> None:
         try:
             async with anyio.create_task_group() as tg:
-                self._ledger.spawn = host.hooks = HookStarter(tg, host)
+                self._ledger.spawn = host.hooks = HookStarter(tg, host, self._ledger)
                 host.start_sends = functools.partial(self._start_sends, tg, host, http)
                 host.serving = True
                 try:
@@ -603,7 +599,7 @@ class Runner:
         try:
             with anyio.move_on_after(FINAL_HOOK_BUDGET):
                 async with anyio.create_task_group() as tg:
-                    self._ledger.spawn = hooks = HookStarter(tg, host)
+                    self._ledger.spawn = hooks = HookStarter(tg, host, self._ledger)
                     if http is not None:
                         host.start_sends = functools.partial(self._start_sends, tg, host, http)
                     self._scheduler.account_undelivered()
