@@ -23,6 +23,7 @@ import pytest
 
 import whisperr
 from whisperr import _events as ev
+from whisperr import _runner
 from whisperr._ledger import Ledger, in_hook
 from whisperr._spool import Spool, SpoolBusy
 
@@ -62,6 +63,11 @@ def identity(stats: whisperr.Stats) -> None:
 
 def down() -> httpx.MockTransport:
     return httpx.MockTransport(lambda request: httpx.Response(503))
+
+
+def accept_all(request: httpx.Request) -> httpx.Response:
+    accepted = request.content.count(b'"$message_id"')
+    return httpx.Response(202, json={"accepted": accepted, "rejected": 0})
 
 
 def client(path: Path, transport: httpx.AsyncBaseTransport, **extra: Any) -> whisperr.AsyncClient:
@@ -209,24 +215,88 @@ async def test_an_async_hook_gets_a_report_made_before_the_runner_served(tmp_pat
     assert {thread for _, _, thread in seen} == {loop_thread}
 
 
-def test_the_last_stay_closes_the_async_hooks_no_runner_can_start(
+def report_on_another_thread(ledger: Ledger) -> None:
+    """A report made the way the spool's worker makes one: on its own thread."""
+    worker = threading.Thread(
+        target=ledger.report, args=("dropped", "spool_full", "evicted", None, 1, ("m1",))
+    )
+    worker.start()
+    worker.join()
+
+
+def test_an_async_hook_gets_a_report_made_on_another_thread_while_nothing_serves(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With the client idle (its own thread ended, so no task group is open), a report made on
+    another thread wakes the runner, whose stay starts the hook (before, it was skipped)."""
+    monkeypatch.setattr(_runner, "LINGER", 0.0)  # the own thread ends as soon as it is idle
+    ran = threading.Event()
+    seen: list[tuple[str, bool]] = []
+
+    async def hook(report: whisperr.DeliveryReport) -> None:
+        seen.append((report.reason, in_hook.get()))
+        ran.set()
+
+    c = whisperr.Client(api_key=API_KEY, transport=httpx.MockTransport(accept_all), on_error=hook)
+    try:
+        c.track("u", "payment_failed")
+        c.flush()
+        deadline = time.monotonic() + WAIT
+        while c._runner.host_kind != "none" and time.monotonic() < deadline:
+            time.sleep(0.01)  # a condition with a deadline: the own thread ends by itself
+        assert c._runner.host_kind == "none"
+        report_on_another_thread(c._async._ledger)
+        assert ran.wait(WAIT)
+        assert seen == [("spool_full", True)]
+    finally:
+        c.close()
+
+
+def test_a_report_made_after_the_close_closes_its_async_hook_and_says_so(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """A hook still waiting for a runner when the client's last stay ends is closed (no "never
-    awaited" warning at exit) and said so, not dropped silently."""
-    ledger = Ledger(on_error=None)
+    """No stay comes once the client is closed: the hook's coroutine is closed (no "never
+    awaited" warning at exit) and a warning says it was not run, instead of silence."""
+    made: list[Any] = []
     ran: list[str] = []
 
+    async def hook(report: whisperr.DeliveryReport) -> None:
+        ran.append(report.reason)
+
+    def on_error(report: whisperr.DeliveryReport) -> Any:
+        made.append(hook(report))
+        return made[-1]
+
+    c = whisperr.Client(
+        api_key=API_KEY, transport=httpx.MockTransport(accept_all), on_error=on_error
+    )
+    c.close()
+    with caplog.at_level(logging.WARNING, logger="whisperr"):
+        report_on_another_thread(c._async._ledger)
+    assert len(made) == 1
+    assert made[0].cr_frame is None  # closed, never run
+    assert ran == []
+    assert list(c._async._ledger.waiting_hooks) == []
+    assert "1 async on_error hook call(s) not run: the client closed" in caplog.text
+
+
+def test_a_forked_childs_ledger_closes_the_parents_waiting_hooks_silently(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """In a fork child the parent's waiting hooks are the parent's (it runs its copies): the
+    child's copies are closed, so they never warn "never awaited", and nothing is logged."""
+    ledger = Ledger(on_error=None)
+
     async def hook() -> None:
-        ran.append("ran")
+        raise AssertionError("a closed hook never runs")
 
     waiting = hook()
     ledger.waiting_hooks.append((contextvars.copy_context(), waiting))
-    with caplog.at_level(logging.WARNING, logger="whisperr"):
-        ledger.drop_waiting_hooks()
-    assert waiting.cr_frame is None  # closed
-    assert (list(ledger.waiting_hooks), ran) == ([], [])
-    assert "an async on_error hook was not run: the client closed" in caplog.text
+    with caplog.at_level(logging.DEBUG, logger="whisperr"):
+        ledger.reset()
+    assert waiting.cr_frame is None
+    assert list(ledger.waiting_hooks) == []
+    assert caplog.text == ""
 
 
 async def test_identifies_are_never_spooled(tmp_path: Path) -> None:

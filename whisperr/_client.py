@@ -108,6 +108,7 @@ class AsyncClient:
         delivery = Delivery(s, ledger)
         self._runner = Runner(s, intake, self._scheduler, delivery, ledger)
         kick.append(self._runner.kick)
+        ledger.wake = self._runner.kick
         self._put = intake.put
         self._spooler: Spooler | None = None
         if s.spool_path is not None and not s.disabled:

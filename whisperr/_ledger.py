@@ -40,7 +40,7 @@ class Ledger:
     ``spawn`` starts a task in the runner's task group while it runs, for ``async`` hooks,
     from any thread (see ``_runner.HookStarter``). An async hook's awaitable that no task can
     start at once (made on another thread, or while no group is open) waits in
-    ``waiting_hooks``, with the context it was made in, for the runner to start it.
+    ``waiting_hooks``, with the context it was made in, and wakes the runner to start it.
     """
 
     on_error: OnError | None
@@ -56,6 +56,7 @@ class Ledger:
     last_error: DeliveryReport | None = None
     spawn: Callable[[Awaitable[Any]], object] | None = None
     waiting_hooks: deque[tuple[contextvars.Context, Awaitable[Any]]] = attrs.field(factory=deque)
+    wake: Callable[[], None] | None = None  # the runner's kick: a stay starts what waits
     # Seconds from occurred_at to acknowledgement, of the last DELAY_WINDOW delivered events.
     delays: deque[float] = attrs.field(factory=lambda: deque(maxlen=DELAY_WINDOW))
     on_delivered: Callable[[float], None] | None = None  # metrics: each batch's oldest age
@@ -69,7 +70,8 @@ class Ledger:
         self.dropped = Counter()
         self.last_error = None
         self.spawn = None
-        self.waiting_hooks = deque()  # the parent's hooks are the parent's
+        while self.waiting_hooks:  # the parent's hooks are the parent's (it runs its copies)
+            _close(self.waiting_hooks.popleft()[1])
         self.delays = deque(maxlen=DELAY_WINDOW)
         self._at_capture = []
         self._lock = threading.Lock()
@@ -199,23 +201,38 @@ class Ledger:
     def _start_hook(self, result: Awaitable[Any]) -> None:
         """An async hook's awaitable: a task of the runner now, or waiting for the runner."""
         spawn = self.spawn  # read once: the runner's thread may unset it meanwhile
-        if spawn is None:  # in the context made here (in_hook), as a task would copy it
-            self.waiting_hooks.append((contextvars.copy_context(), result))
-        else:
-            spawn(result)
+        if spawn is not None:
+            try:
+                spawn(result)
+                return
+            except RuntimeError:  # that group has ended: the next stay starts it
+                pass
+        # In the context made here (in_hook set), as a task would have copied it.
+        self.waiting_hooks.append((contextvars.copy_context(), result))
+        if self.wake is not None:
+            self.wake()
 
     def drop_waiting_hooks(self) -> None:
-        """At the end of the client's last stay: the hooks that no runner can start now are
-        closed, and said so."""
+        """Once the client is closed: the hooks that no runner will start are closed, and
+        said so."""
+        count = 0
         while self.waiting_hooks:
-            _, result = self.waiting_hooks.popleft()
-            getattr(result, "close", lambda: None)()
-            logger.warning("whisperr: an async on_error hook was not run: the client closed")
+            _close(self.waiting_hooks.popleft()[1])
+            count += 1
+        if count:
+            logger.warning(
+                "whisperr: %d async on_error hook call(s) not run: the client closed", count
+            )
 
 
 def events(count: int) -> str:
     """``"1 event"``, ``"2 events"``: a count of events for a message."""
     return f"{count} event" if count == 1 else f"{count} events"
+
+
+def _close(result: Awaitable[Any]) -> None:
+    """Close a hook's awaitable that never ran (a coroutine's close runs none of its code)."""
+    getattr(result, "close", lambda: None)()
 
 
 async def await_hook(result: Awaitable[Any]) -> None:

@@ -162,20 +162,28 @@ class HookStarter:
     def __init__(self, tg: anyio.abc.TaskGroup, host: Host, ledger: Ledger) -> None:
         self._tg = tg
         self._host = host
-        self._waiting = ledger.waiting_hooks
+        self._ledger = ledger
 
     def __call__(self, hook: Awaitable[Any]) -> None:
         if threading.get_ident() == self._host.thread:
             self._start(hook)  # the task copies the caller's context (in_hook set)
             return
-        self._waiting.append((contextvars.copy_context(), hook))
-        with contextlib.suppress(RuntimeError):  # that loop has ended: the next stay starts it
+        work = (contextvars.copy_context(), hook)
+        self._ledger.waiting_hooks.append(work)
+        try:
             self._host.schedule(self._host.wake)
+        except RuntimeError:  # that loop has ended: the ledger wakes a runner for it instead
+            try:
+                self._ledger.waiting_hooks.remove(work)
+            except ValueError:
+                return  # that loop started it before it ended
+            raise
 
     def start_waiting(self) -> None:
         """Start the hooks that wait for the runner; from a task of the host's loop."""
-        while self._waiting:
-            context, hook = self._waiting.popleft()
+        waiting = self._ledger.waiting_hooks
+        while waiting:
+            context, hook = waiting.popleft()
             context.run(self._start, hook)
 
     def _start(self, hook: Awaitable[Any]) -> None:
@@ -295,7 +303,10 @@ class Runner:
             host = self._host
             if host is not None and host.ended():
                 self._forget(host)
-            if self._host is not None or self.state is RunnerState.CLOSED:
+            if self.state is RunnerState.CLOSED:
+                self._ledger.drop_waiting_hooks()  # made after the close: no stay will come
+                return
+            if self._host is not None:
                 return
             here = None if own_thread or self.own_thread_only else loop_here()
             try:
@@ -421,6 +432,7 @@ class Runner:
                 else:
                     self.state = RunnerState.IDLE
                     restart = not self._idle() or self._ledger.capture_drops_pending
+                    restart = restart or bool(self._ledger.waiting_hooks)
                     if ending is Ending.CUT:  # a loop ended: deliver all it left at once
                         self._scheduler.barriers.drain_to = self._intake.end
             if finalize:  # the last stay: no runner will start the hooks still waiting
@@ -719,7 +731,8 @@ class Runner:
         if not busy and not self._ledger.capture_drops_pending:
             if spooler is not None:
                 spooler.close()  # its deletions, and this client's claims
-            return
+            if not self._ledger.waiting_hooks:
+                return
         self.close_blocking(self._settings.shutdown_timeout)
 
     def _cancel(self, host: Host) -> None:
