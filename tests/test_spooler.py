@@ -8,6 +8,7 @@ tests/test_spool_store.py tests the store alone.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
 import logging
@@ -278,6 +279,32 @@ def test_a_report_made_after_the_close_closes_its_async_hook_and_says_so(
     assert ran == []
     assert list(c._async._ledger.waiting_hooks) == []
     assert "1 async on_error hook call(s) not run: the client closed" in caplog.text
+
+
+async def test_a_hook_handed_to_a_group_that_just_ended_wakes_the_runner() -> None:
+    """Another thread may call the starter of a stay's group just as the group ends, after its
+    last start_waiting(): the hook waits, and the ledger's wake (the runner's kick) is called,
+    so that the stay's end restarts for it or a new stay starts it (before, it waited for the
+    next event)."""
+    ledger = Ledger(on_error=None)
+    woken: list[str] = []
+    ledger.wake = lambda: woken.append("kick")
+    loop = asyncio.get_running_loop()
+    host = _runner.Host(loop.call_soon_threadsafe, loop, own=False, thread=threading.get_ident())
+
+    async def hook() -> None:
+        raise AssertionError("not started here")
+
+    async with anyio.create_task_group() as tg:
+        starter = _runner.HookStarter(tg, host, ledger)
+        ledger.spawn = None  # the stay's end unset it: this starter's group is ending
+        waiting = hook()
+        worker = threading.Thread(target=starter, args=(waiting,))
+        worker.start()
+        worker.join()
+    assert woken == ["kick"]
+    assert [hook for _, hook in ledger.waiting_hooks] == [waiting]
+    ledger.drop_waiting_hooks("the test ends")
 
 
 def test_a_forked_childs_ledger_closes_the_parents_waiting_hooks_silently(

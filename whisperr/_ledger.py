@@ -209,20 +209,24 @@ class Ledger:
                 pass
         # In the context made here (in_hook set), as a task would have copied it.
         self.waiting_hooks.append((contextvars.copy_context(), result))
+        self.wake_runner()
+
+    def wake_runner(self) -> None:
+        """Have a stay of the runner start the hooks waiting (one starts if none serves)."""
         if self.wake is not None:
             self.wake()
 
-    def drop_waiting_hooks(self) -> None:
-        """Once the client is closed: the hooks that no runner will start are closed, and
-        said so."""
+    def drop_waiting_hooks(self, why: str) -> None:
+        """When no stay of the runner will come: the hooks waiting are closed, and said so."""
         count = 0
-        while self.waiting_hooks:
-            _close(self.waiting_hooks.popleft()[1])
+        while True:
+            try:  # another thread may empty it too
+                _close(self.waiting_hooks.popleft()[1])
+            except IndexError:
+                break
             count += 1
         if count:
-            logger.warning(
-                "whisperr: %d async on_error hook call(s) not run: the client closed", count
-            )
+            logger.warning("whisperr: %d async on_error hook call(s) not run: %s", count, why)
 
 
 def events(count: int) -> str:

@@ -131,8 +131,12 @@ class Host:
         awaited" at exit; ``close_unstarted()`` closes those instead (and the coroutines in
         ``also`` that ``work`` would have awaited), once the group is done.
         """
-        self.unstarted[key] = (work, *also)
-        tg.start_soon(_as_is, work, name=getattr(work, "__qualname__", None))
+        try:
+            tg.start_soon(_as_is, work, name=getattr(work, "__qualname__", None))
+        except RuntimeError:  # the group has ended: ``also`` stays the caller's
+            work.close()
+            raise
+        self.unstarted[key] = (work, *also)  # its task has not run yet
 
     def started(self, key: object) -> None:
         self.unstarted.pop(key, None)
@@ -168,16 +172,14 @@ class HookStarter:
         if threading.get_ident() == self._host.thread:
             self._start(hook)  # the task copies the caller's context (in_hook set)
             return
-        work = (contextvars.copy_context(), hook)
-        self._ledger.waiting_hooks.append(work)
+        self._ledger.waiting_hooks.append((contextvars.copy_context(), hook))
         try:
             self._host.schedule(self._host.wake)
-        except RuntimeError:  # that loop has ended: the ledger wakes a runner for it instead
-            try:
-                self._ledger.waiting_hooks.remove(work)
-            except ValueError:
-                return  # that loop started it before it ended
-            raise
+        except RuntimeError:  # that loop has ended: another stay starts it
+            self._ledger.wake_runner()
+            return
+        if self._ledger.spawn is not self:  # this group ended meanwhile, maybe past its last
+            self._ledger.wake_runner()  # start_waiting(): the stay's end sees the hook waiting
 
     def start_waiting(self) -> None:
         """Start the hooks that wait for the runner; from a task of the host's loop."""
@@ -298,13 +300,14 @@ class Runner:
     def start(self, *, own_thread: bool = False) -> None:
         """Start serving: in this thread's running loop, else on the own thread."""
         if self._settings.disabled:
+            self._ledger.drop_waiting_hooks("delivery is disabled")  # no stay ever comes
             return
         with self._lock:
             host = self._host
             if host is not None and host.ended():
                 self._forget(host)
             if self.state is RunnerState.CLOSED:
-                self._ledger.drop_waiting_hooks()  # made after the close: no stay will come
+                self._ledger.drop_waiting_hooks("the client closed")  # no stay will come
                 return
             if self._host is not None:
                 return
@@ -436,7 +439,7 @@ class Runner:
                     if ending is Ending.CUT:  # a loop ended: deliver all it left at once
                         self._scheduler.barriers.drain_to = self._intake.end
             if finalize:  # the last stay: no runner will start the hooks still waiting
-                self._ledger.drop_waiting_hooks()
+                self._ledger.drop_waiting_hooks("the client closed")
             host.done.set()
             if restart:
                 self.start(own_thread=True)
@@ -731,7 +734,8 @@ class Runner:
         if not busy and not self._ledger.capture_drops_pending:
             if spooler is not None:
                 spooler.close()  # its deletions, and this client's claims
-            if not self._ledger.waiting_hooks:
+            # Its last writes may report, and an async hook then waits or already runs.
+            if self._host is None and not self._ledger.waiting_hooks:
                 return
         self.close_blocking(self._settings.shutdown_timeout)
 
