@@ -70,8 +70,7 @@ class Ledger:
         self.dropped = Counter()
         self.last_error = None
         self.spawn = None
-        while self.waiting_hooks:  # the parent's hooks are the parent's (it runs its copies)
-            _close(self.waiting_hooks.popleft()[1])
+        self._close_waiting_hooks()  # the parent's hooks are the parent's (it runs its copies)
         self.delays = deque(maxlen=DELAY_WINDOW)
         self._at_capture = []
         self._lock = threading.Lock()
@@ -218,15 +217,18 @@ class Ledger:
 
     def drop_waiting_hooks(self, why: str) -> None:
         """When no stay of the runner will come: the hooks waiting are closed, and said so."""
+        if count := self._close_waiting_hooks():
+            logger.warning("whisperr: %d async on_error hook call(s) not run: %s", count, why)
+
+    def _close_waiting_hooks(self) -> int:
+        """Close the hooks waiting (none of their code runs); how many there were."""
         count = 0
         while True:
             try:  # another thread may empty it too
                 _close(self.waiting_hooks.popleft()[1])
             except IndexError:
-                break
+                return count
             count += 1
-        if count:
-            logger.warning("whisperr: %d async on_error hook call(s) not run: %s", count, why)
 
 
 def events(count: int) -> str:

@@ -434,8 +434,11 @@ class Runner:
                     self._scheduler.barriers.release_all()
                 else:
                     self.state = RunnerState.IDLE
-                    restart = not self._idle() or self._ledger.capture_drops_pending
-                    restart = restart or bool(self._ledger.waiting_hooks)
+                    restart = (
+                        not self._idle()
+                        or self._ledger.capture_drops_pending
+                        or bool(self._ledger.waiting_hooks)
+                    )
                     if ending is Ending.CUT:  # a loop ended: deliver all it left at once
                         self._scheduler.barriers.drain_to = self._intake.end
             if finalize:  # the last stay: no runner will start the hooks still waiting

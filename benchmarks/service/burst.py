@@ -92,7 +92,7 @@ def floor_queue() -> tuple[Track, Step, Step]:
     dumps = orjson.dumps
 
     def enqueue(user_id: str, event_type: str, properties: dict[str, Any]) -> object:
-        queue.append((user_id, event_type, time.time(), orjson.dumps(properties)))
+        queue.append((user_id, event_type, time.time(), dumps(properties)))
         return None
 
     async def drain() -> None:
